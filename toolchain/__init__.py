@@ -1,0 +1,1 @@
+"""medkd toolchain core: CLI, config, data, models, training loop, reports."""
