@@ -1,0 +1,27 @@
+"""One recipe per method; the CLI's `recipe=NAME` picks one from RECIPES."""
+
+from __future__ import annotations
+
+from medkd.toolchain.errors import ConfigError
+
+from .base import Batch, Recipe
+from .kd import KDRecipe
+from .rd import RDRecipe
+from .scratch import ScratchRecipe
+
+RECIPES: dict[str, type[Recipe]] = {
+    cls.name: cls for cls in (KDRecipe, RDRecipe, ScratchRecipe)
+}
+
+
+def build_recipe(cfg, student, teacher_dim: int | None) -> Recipe:
+    """cfg is the `recipe` config section; teacher_dim is None when no teacher is loaded."""
+    if cfg.name not in RECIPES:
+        raise ConfigError(f"unknown recipe '{cfg.name}'; choose one of: {', '.join(sorted(RECIPES))}")
+    recipe_cls = RECIPES[cfg.name]
+    if recipe_cls.needs_teacher and teacher_dim is None:
+        raise ConfigError(f"recipe '{cfg.name}' needs a teacher")
+    return recipe_cls(cfg, student, teacher_dim)
+
+
+__all__ = ["Batch", "Recipe", "RECIPES", "build_recipe"]

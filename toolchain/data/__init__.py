@@ -1,0 +1,12 @@
+"""The data layer: `load_task(cfg) -> TaskData` for every supported dataset.
+
+`cfg` is the `data` config (OmegaConf DictConfig or a plain mapping) with keys name, path,
+image_size, max_train, max_test, train_fraction, seed; config.py documents each key and its
+default. Datasets: mri (embedded default), fashion-mnist, npz, folder; see available_datasets().
+"""
+
+from .base import ImageSet, TaskData
+from .mri_volume import load_mri_volume
+from .registry import available_datasets, load_task
+
+__all__ = ["ImageSet", "TaskData", "available_datasets", "load_mri_volume", "load_task"]

@@ -1,0 +1,353 @@
+#!/usr/bin/env python
+"""Benchmark of the fused kernels in medkd.kernels (forward + backward, on a CUDA GPU).
+
+    python bench/kernels.py                  # full benchmark; needs a CUDA GPU
+    python bench/kernels.py --quick          # one shape per op, bf16 only
+    python bench/kernels.py --interpret-smoke  # no GPU: one tiny case per op through
+                                               # triton's CPU interpreter (code-path check;
+                                               # add --out FILE to also write its JSON)
+    python bench/kernels.py --compile-check  # no GPU: compile the kernels for sm_80/sm_90
+                                               # and report shared memory / pipelining / MMA
+
+What is timed (milliseconds, median of triton.testing.do_bench):
+
+* low-rank expert linear, LoRKD training setting: W0 and b frozen, x, A, B require grad;
+  forward + backward (y, dx, dA, dB) of
+    fused    lowrank_expert_linear(backend="triton")
+    eager    lowrank_expert_linear_reference (PyTorch eager)
+    compile  torch.compile(lowrank_expert_linear_reference)
+    dense    y = x W0^T + b and dx = dy W0 alone: the floor the fused op cannot beat
+* CKA loss, distillation setting: student x requires grad, teacher y does not; loss +
+  dx of fused / eager / compile as above.
+
+Goals (reported, not asserted): fused expert linear <= 1.15x the dense floor and
+>= 1.5x faster than eager; fused CKA >= 2x faster than eager.
+
+Results go to bench/results/kernels-<gpu-name-slug>.json (device, versions, every
+case's times, ratios and goal verdicts). Without a CUDA GPU nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+NO_GPU_MESSAGE = "no CUDA GPU present: kernel benchmark needs one; run on a GPU machine"
+
+GOAL_LOWRANK_VS_DENSE = 1.15  # fused time / dense-GEMM time, at most
+GOAL_LOWRANK_VS_EAGER = 1.5   # eager time / fused time, at least
+GOAL_CKA_VS_EAGER = 2.0       # eager time / fused time, at least
+
+# (n tokens, d_in = d_out, rank, tasks)
+LOWRANK_SHAPES = [(4096, 768, 8, 4), (16384, 768, 16, 8), (4096, 1024, 16, 8), (16384, 1024, 8, 4)]
+# (n, d_student, d_teacher)
+CKA_SHAPES = [(4096, 192, 192), (16384, 192, 384), (4096, 768, 768), (16384, 1024, 1024)]
+DTYPES = ["bfloat16", "float16", "float32"]
+# Max |fused - eager| / max |eager| accepted by the pre-timing sanity check.
+CHECK_TOL = {"float32": 1e-3, "float16": 1e-2, "bfloat16": 5e-2}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--interpret-smoke", action="store_true",
+                      help="run one tiny case per op through triton's CPU interpreter")
+    mode.add_argument("--compile-check", action="store_true",
+                      help="compile the kernels for sm_80 and sm_90 (no GPU needed)")
+    p.add_argument("--quick", action="store_true", help="one shape per op, bfloat16 only")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
+    p.add_argument("--out", type=Path, default=None, help="results file (default: bench/results/...)")
+    return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def time_ms(fn, on_gpu: bool) -> float:
+    if on_gpu:
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    fn()  # interpreter smoke: wall clock of one call after one warm-up
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def max_rel_err(a, b) -> float:
+    a, b = a.detach().float(), b.detach().float()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+# --------------------------------------------------------------------------- cases
+
+
+def lowrank_case(n, d, rank, tasks, dtype_name, device, use_compile):
+    import torch
+    import torch.nn.functional as F
+
+    from medkd.kernels import lowrank_expert_linear, lowrank_expert_linear_reference
+
+    dtype = getattr(torch, dtype_name)
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def rnd(*shape, scale=1.0, grad=False):
+        t = torch.randn(*shape, generator=g, device=device) * scale
+        return t.to(dtype).requires_grad_(grad)
+
+    x = rnd(n, d, grad=True)
+    ids = torch.randint(0, tasks, (n,), generator=g, device=device)
+    w, b = rnd(d, d, scale=d ** -0.5), rnd(d, scale=0.1)  # frozen base
+    lora_a = rnd(tasks, rank, d, scale=d ** -0.5, grad=True)
+    lora_b = rnd(tasks, d, rank, scale=0.1, grad=True)
+    dy = rnd(n, d)
+
+    def fwd_bwd(op):
+        def run():
+            y = op(x, ids, w, b, lora_a, lora_b, 0.5)
+            return (y, *torch.autograd.grad(y, (x, lora_a, lora_b), dy))
+        return run
+
+    def dense():
+        y = F.linear(x, w, b)
+        return torch.autograd.grad(y, (x,), dy)
+
+    variants = {
+        "fused": fwd_bwd(lambda *a: lowrank_expert_linear(*a, backend="triton")),
+        "eager": fwd_bwd(lowrank_expert_linear_reference),
+        "dense": dense,
+    }
+    if use_compile:
+        variants["compile"] = fwd_bwd(torch.compile(lowrank_expert_linear_reference, dynamic=False))
+    errors = [max_rel_err(a, r) for a, r in zip(variants["fused"](), variants["eager"]())]
+    return variants, max(errors)
+
+
+def cka_case(n, d1, d2, dtype_name, device, use_compile):
+    import torch
+
+    from medkd.kernels import cka_loss, cka_loss_reference
+
+    dtype = getattr(torch, dtype_name)
+    g = torch.Generator(device=device).manual_seed(0)
+    y = torch.randn(n, d2, generator=g, device=device).to(dtype)  # teacher: no grad
+    mix = torch.randn(d2, d1, generator=g, device=device) / d2 ** 0.5
+    x = (y.float() @ mix + torch.randn(n, d1, generator=g, device=device)).to(dtype).requires_grad_()
+
+    def fwd_bwd(op):
+        def run():
+            loss = op(x, y)
+            return (loss, *torch.autograd.grad(loss, (x,)))
+        return run
+
+    variants = {
+        "fused": fwd_bwd(lambda a, b: cka_loss(a, b, backend="triton")),
+        "eager": fwd_bwd(cka_loss_reference),
+    }
+    if use_compile:
+        variants["compile"] = fwd_bwd(torch.compile(cka_loss_reference, dynamic=False))
+    errors = [max_rel_err(a, r) for a, r in zip(variants["fused"](), variants["eager"]())]
+    return variants, max(errors)
+
+
+def run_variants(variants, on_gpu):
+    times = {}
+    for name, fn in variants.items():
+        try:
+            times[name] = time_ms(fn, on_gpu)
+        except Exception as exc:  # e.g. torch.compile failing on this setup: report, go on
+            times[name] = None
+            print(f"    {name}: failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
+    return times
+
+
+def ratio(num, den):
+    return None if num is None or den is None else num / den
+
+
+def bench_lowrank(shapes, dtypes, device, on_gpu, use_compile):
+    rows = []
+    for dtype_name in dtypes:
+        for n, d, rank, tasks in shapes:
+            variants, err = lowrank_case(n, d, rank, tasks, dtype_name, device, use_compile)
+            times = run_variants(variants, on_gpu)
+            vs_dense = ratio(times["fused"], times["dense"])
+            vs_eager = ratio(times["eager"], times["fused"])
+            rows.append({
+                "op": "lowrank_expert_linear", "dtype": dtype_name,
+                "n": n, "d_in": d, "d_out": d, "rank": rank, "tasks": tasks,
+                "max_rel_err_vs_eager": err, "correct": err <= CHECK_TOL[dtype_name],
+                "ms": times,
+                "fused_over_dense": vs_dense,
+                "speedup_vs_eager": vs_eager,
+                "speedup_vs_compile": ratio(times.get("compile"), times["fused"]),
+                "goal_met": (vs_dense is not None and vs_dense <= GOAL_LOWRANK_VS_DENSE
+                             and vs_eager is not None and vs_eager >= GOAL_LOWRANK_VS_EAGER),
+            })
+            print_row(rows[-1])
+    return rows
+
+
+def bench_cka(shapes, dtypes, device, on_gpu, use_compile):
+    rows = []
+    for dtype_name in dtypes:
+        for n, d1, d2 in shapes:
+            variants, err = cka_case(n, d1, d2, dtype_name, device, use_compile)
+            times = run_variants(variants, on_gpu)
+            vs_eager = ratio(times["eager"], times["fused"])
+            rows.append({
+                "op": "cka_loss", "dtype": dtype_name, "n": n, "d1": d1, "d2": d2,
+                "max_rel_err_vs_eager": err, "correct": err <= CHECK_TOL[dtype_name],
+                "ms": times,
+                "speedup_vs_eager": vs_eager,
+                "speedup_vs_compile": ratio(times.get("compile"), times["fused"]),
+                "goal_met": vs_eager is not None and vs_eager >= GOAL_CKA_VS_EAGER,
+            })
+            print_row(rows[-1])
+    return rows
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _fmt(v, spec=".3f"):
+    return "-" if v is None else format(v, spec)
+
+
+def print_header():
+    print(f"{'op':<8} {'dtype':<9} {'shape':<26} {'fused':>8} {'eager':>8} {'compile':>8} {'dense':>8}"
+          f" {'f/dense':>8} {'x eager':>8} {'x comp':>7} {'err':>8} {'ok':>3} {'goal':>4}")
+
+
+def print_row(r):
+    if r["op"] == "cka_loss":
+        shape = f"n={r['n']} d={r['d1']}/{r['d2']}"
+    else:
+        shape = f"n={r['n']} d={r['d_in']} r={r['rank']} T={r['tasks']}"
+    ms = r["ms"]
+    print(f"{'cka' if r['op'] == 'cka_loss' else 'lowrank':<8} {r['dtype']:<9} {shape:<26}"
+          f" {_fmt(ms['fused']):>8} {_fmt(ms['eager']):>8} {_fmt(ms.get('compile')):>8}"
+          f" {_fmt(ms.get('dense')):>8} {_fmt(r.get('fused_over_dense'), '.2f'):>8}"
+          f" {_fmt(r['speedup_vs_eager'], '.2f'):>8} {_fmt(r['speedup_vs_compile'], '.2f'):>7}"
+          f" {r['max_rel_err_vs_eager']:>8.1e} {'yes' if r['correct'] else 'NO':>3}"
+          f" {'yes' if r['goal_met'] else 'no':>4}", flush=True)
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def versions():
+    import torch
+    import triton
+
+    return {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
+            "python": platform.python_version()}
+
+
+# --------------------------------------------------------------------------- modes
+
+
+def compile_check():
+    import importlib
+
+    import torch
+
+    from medkd.kernels import triton_available
+
+    if not triton_available():
+        print("triton is not installed: nothing to compile")
+        return 1
+    lowrank_mod = importlib.import_module("medkd.kernels.lowrank_expert_linear")
+    cka_mod = importlib.import_module("medkd.kernels.cka")
+    print("kernels compiled ahead of time (no GPU needed); fp32 dots follow"
+          " torch.backends.cuda.matmul.allow_tf32 (off: FMA, on: TF32 tensor cores)")
+    print(f"{'kernel':<12} {'dtype':<9} {'sm':>3} {'smem KB':>8} {'async loads':>11} {'MMA':>10}")
+    for capability in (80, 90):
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            kernels = {**lowrank_mod.compile_kernels_for_gpu(dtype, capability),
+                       **cka_mod.compile_kernels_for_gpu(dtype, capability)}
+            for name, k in kernels.items():
+                ttgir = k.asm["ttgir"]
+                mma = ("wgmma" if "warp_group_dot" in ttgir else
+                       "mma" if "#ttg.nvidia_mma" in ttgir else
+                       "fma" if "tt.dot" in ttgir else "-")  # "-": kernel has no dot
+                print(f"{name:<12} {str(dtype)[6:]:<9} {capability:>3} {k.metadata.shared / 1024:>8.1f}"
+                      f" {ttgir.count('async_copy_global_to_local'):>11} {mma:>10}")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.interpret_smoke:
+        # Set before anything imports triton, so its whole runtime starts in interpreter mode.
+        os.environ["TRITON_INTERPRET"] = "1"
+    import torch
+
+    if args.compile_check:
+        return compile_check()
+
+    use_compile = not args.no_compile
+    if args.interpret_smoke:
+        device = torch.device("cpu")
+        print("interpreter smoke run (CPU): times are NOT kernel performance; "
+              "results are written only with --out")
+        print_header()
+        lowrank = bench_lowrank([(64, 32, 4, 3)], ["float32"], device, False, use_compile)
+        cka = bench_cka([(64, 24, 16)], ["float32"], device, False, use_compile)
+        if args.out:
+            write_results(args.out, "cpu (triton interpreter smoke run)", lowrank, cka, args)
+        return 0
+
+    if not torch.cuda.is_available():
+        print(NO_GPU_MESSAGE)
+        return 0
+
+    device = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 is fp32 for every variant
+    lowrank_shapes, cka_shapes, dtypes = LOWRANK_SHAPES, CKA_SHAPES, DTYPES
+    if args.quick:
+        lowrank_shapes, cka_shapes, dtypes = LOWRANK_SHAPES[1:2], CKA_SHAPES[1:2], ["bfloat16"]
+    name = torch.cuda.get_device_name(device)
+    print(f"device: {name}  " + "  ".join(f"{k} {v}" for k, v in versions().items()))
+    print("times: ms, median, forward+backward; f/dense = fused / dense GEMM floor;"
+          " x eager / x comp = speedup of fused over eager / torch.compile")
+    print_header()
+    lowrank = bench_lowrank(lowrank_shapes, dtypes, device, True, use_compile)
+    cka = bench_cka(cka_shapes, dtypes, device, True, use_compile)
+    write_results(args.out or RESULTS_DIR / f"kernels-{slug(name)}.json", name, lowrank, cka, args)
+    return 0
+
+
+def write_results(out: Path, device_name: str, lowrank, cka, args):
+    summary = {
+        "lowrank_goal_met_all": all(r["goal_met"] for r in lowrank),
+        "cka_goal_met_all": all(r["goal_met"] for r in cka),
+        "all_correct": all(r["correct"] for r in lowrank + cka),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "device": device_name,
+        "versions": versions(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "quick": args.quick,
+        "goals": {"lowrank_fused_over_dense_max": GOAL_LOWRANK_VS_DENSE,
+                  "lowrank_speedup_vs_eager_min": GOAL_LOWRANK_VS_EAGER,
+                  "cka_speedup_vs_eager_min": GOAL_CKA_VS_EAGER},
+        "summary": summary,
+        "cases": lowrank + cka,
+    }, indent=2) + "\n")
+    print("summary: " + ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in summary.items()))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""What every recipe provides to the shared training loop.
+
+A recipe is an `nn.Module` that owns everything it trains (the student plus any
+recipe-specific modules), so its `state_dict()` is the whole training state to
+checkpoint, and `parameters()` is what the optimizer updates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor
+    labels: torch.Tensor
+    # Frozen-teacher features for these images (N x D), or None for teacher-free recipes.
+    teacher_features: torch.Tensor | None = None
+
+
+class Recipe(nn.Module):
+    name: str = "base"
+    needs_teacher: bool = False
+
+    def __init__(self, student: nn.Module):
+        super().__init__()
+        self.student = student
+
+    def prepare(self, teacher_features: torch.Tensor | None, labels: torch.Tensor) -> None:
+        """One-off work before the first epoch (not repeated on resume)."""
+
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """Total loss to minimise and its named parts for the training log."""
+        raise NotImplementedError
+
+    def teacher_logits(self, teacher_features: torch.Tensor) -> torch.Tensor | None:
+        """The teacher branch's class logits, for reporting; None if the recipe has none."""
+        return None
+
+    def deployable(self) -> nn.Module:
+        """The model that is exported: the student alone."""
+        return self.student

@@ -1,0 +1,137 @@
+"""The `data` config: its keys, their defaults, and the checks on every value.
+
+Keys (all optional; a missing key takes its default):
+
+    name            str        "mri"   one of: mri (embedded default, Colin27 T1 patches),
+                                       fashion-mnist, npz (MedMNIST format), folder
+    path            str|null   null    npz: the .npz file; folder: the root directory;
+                                       mri / fashion-mnist: a directory that replaces the
+                                       Debian install location (null = use the Debian files)
+    image_size      int        32      images are resized (bilinear, antialias) to
+                                       image_size x image_size; 8 <= image_size <= 1024
+    max_train       int|null   null    cap on the training split, stratified by class
+    max_test        int|null   null    cap on the test split, stratified by class
+    train_fraction  float      1.0     in (0, 1]: keep this fraction of the training labels per
+                                       class (at least 1 per class); applied after max_train
+    seed            int        0       makes every subsample and split deterministic
+
+Config problems raise `ConfigError` (a `UserError`), one line naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ConfigError
+
+DEFAULTS = {
+    "name": "mri",
+    "path": None,
+    "image_size": 32,
+    "max_train": None,
+    "max_test": None,
+    "train_fraction": 1.0,
+    "seed": 0,
+}
+
+MIN_IMAGE_SIZE = 8
+MAX_IMAGE_SIZE = 1024
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """A validated `data` config; loaders receive this, never the raw mapping."""
+
+    name: str
+    path: Path | None
+    image_size: int
+    max_train: int | None
+    max_test: int | None
+    train_fraction: float
+    seed: int
+
+
+def parse_data_config(cfg, valid_names: list[str]) -> DataConfig:
+    """Check every value of `cfg` (DictConfig or mapping) and return a DataConfig."""
+    raw = _to_dict(cfg)
+    unknown = sorted(set(raw) - set(DEFAULTS))
+    if unknown:
+        raise ConfigError(
+            f"unknown data key(s): {', '.join(unknown)}; valid keys: {', '.join(DEFAULTS)}"
+        )
+    values = {**DEFAULTS, **raw}
+
+    name = values["name"]
+    if name not in valid_names:
+        raise ConfigError(f"unknown data.name '{name}'; choose one of: {', '.join(valid_names)}")
+
+    path = values["path"]
+    if path == "???":  # OmegaConf's marker for a mandatory value nobody filled in
+        path = None
+    if path is not None:
+        if not isinstance(path, (str, Path)) or str(path).strip() == "":
+            raise ConfigError(f"data.path must be a file or directory path or null, got '{path}'")
+        path = Path(path).expanduser()
+
+    image_size = values["image_size"]
+    if not _is_int(image_size) or not MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE:
+        raise ConfigError(
+            f"data.image_size must be an integer from {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE}, "
+            f"got '{image_size}'"
+        )
+
+    for key in ("max_train", "max_test"):
+        cap = values[key]
+        if cap is not None and (not _is_int(cap) or cap < 1):
+            raise ConfigError(f"data.{key} must be a positive integer or null, got '{cap}'")
+
+    fraction = values["train_fraction"]
+    if (
+        not isinstance(fraction, (int, float))
+        or isinstance(fraction, bool)
+        or not 0.0 < fraction <= 1.0
+    ):
+        raise ConfigError(
+            f"data.train_fraction must be a number in (0, 1], e.g. 0.1, got '{fraction}'"
+        )
+
+    seed = values["seed"]
+    if not _is_int(seed) or seed < 0:
+        raise ConfigError(f"data.seed must be a non-negative integer, got '{seed}'")
+
+    return DataConfig(
+        name=name,
+        path=path,
+        image_size=int(image_size),
+        max_train=values["max_train"],
+        max_test=values["max_test"],
+        train_fraction=float(fraction),
+        seed=int(seed),
+    )
+
+
+def _to_dict(cfg) -> dict:
+    try:
+        from omegaconf import OmegaConf
+
+        if OmegaConf.is_config(cfg):
+            # resolve=True so interpolations like ${seed} arrive as values.
+            return dict(OmegaConf.to_container(cfg, resolve=True))
+    except ImportError:  # omegaconf is a dependency, but plain dicts need nothing else
+        pass
+    if isinstance(cfg, Mapping):
+        return dict(cfg)
+    raise ConfigError(f"the data config must be a mapping of keys to values, got {type(cfg).__name__}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def required_path(cfg: DataConfig, what: str) -> Path:
+    """`cfg.path`, which this dataset cannot do without."""
+    if cfg.path is None:
+        raise ConfigError(f"data.path is required for data.name={cfg.name}: give {what} (data.path=...)")
+    return cfg.path

@@ -1,0 +1,130 @@
+"""MedMNIST-format `.npz` files (e.g. pathmnist.npz).
+
+Expected arrays: train_images, train_labels, test_images, test_labels; images uint8
+N x H x W (gray) or N x H x W x 3 (RGB) (float in [0, 1] is accepted too), labels N or N x 1
+integers. An optional `class_names` string array names the classes, else "class_0", ...
+`val_*` arrays are ignored: medkd trains on train and reports on test, the same protocol
+as the MedMNIST benchmarks, and has no model-selection step that would use a val split.
+"""
+
+from __future__ import annotations
+
+import zipfile
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+from .base import ImageSet, TaskData
+from .config import DataConfig, required_path
+from .transforms import to_nchw_float
+
+REQUIRED_KEYS = ("train_images", "train_labels", "test_images", "test_labels")
+
+
+def load_npz(cfg: DataConfig) -> TaskData:
+    path = required_path(cfg, "a MedMNIST-format .npz file")
+    if not path.exists():
+        raise UserError(f"npz file not found: {path} (check data.path)")
+    if path.is_dir():
+        raise UserError(f"data.path {path} is a directory; name=npz needs a .npz file")
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"{path} is not an .npz (zip) archive; give a MedMNIST-format .npz file")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            missing = [key for key in REQUIRED_KEYS if key not in archive.files]
+            if missing:
+                raise UserError(
+                    f"{path} lacks key(s) {', '.join(missing)}; a MedMNIST .npz needs "
+                    f"{', '.join(REQUIRED_KEYS)}"
+                )
+            arrays = {key: archive[key] for key in REQUIRED_KEYS}
+            names = archive["class_names"] if "class_names" in archive.files else None
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+        # ValueError: an object array, which would need pickle (unsafe, never loaded).
+        raise UserError(f"cannot read {path} as .npz: {str(exc).splitlines()[0]}") from None
+
+    splits = {}
+    for split in ("train", "test"):
+        images = _check_images(arrays[f"{split}_images"], f"{split}_images", path)
+        labels = _check_labels(arrays[f"{split}_labels"], f"{split}_labels", path)
+        if len(images) != len(labels):
+            raise UserError(
+                f"{path}: {split}_images has {len(images)} images but {split}_labels has "
+                f"{len(labels)} labels; they must match"
+            )
+        splits[split] = (images, labels)
+    train_shape, test_shape = splits["train"][0].shape[1:], splits["test"][0].shape[1:]
+    if train_shape != test_shape:
+        raise UserError(
+            f"{path}: train images are {train_shape} but test images are {test_shape}; "
+            "both splits need the same image size and channels"
+        )
+
+    num_classes = 1 + max(int(labels.max()) for _, labels in splits.values())
+    class_names = _class_names(names, num_classes, path)
+    sets = {
+        split: ImageSet(
+            to_nchw_float(images),  # load_task resizes after capping: less work
+            torch.from_numpy(labels.astype(np.int64)),
+        )
+        for split, (images, labels) in splits.items()
+    }
+    return TaskData(
+        name="npz",
+        train=sets["train"],
+        test=sets["test"],
+        class_names=class_names,
+        provenance={
+            "source": str(path.resolve()),
+            "split_rule": "the file's own train/test arrays; val_* arrays ignored",
+        },
+    )
+
+
+def _check_images(images: np.ndarray, key: str, path) -> np.ndarray:
+    if images.ndim == 4 and images.shape[-1] == 1:
+        images = images[..., 0]
+    if not (images.ndim == 3 or (images.ndim == 4 and images.shape[-1] == 3)):
+        hint = " (3D MedMNIST volumes are not supported)" if images.ndim == 4 else ""
+        raise UserError(
+            f"{path}: {key} has shape {images.shape}; expected N x H x W (gray) or "
+            f"N x H x W x 3 (RGB){hint}"
+        )
+    if len(images) == 0:
+        raise UserError(f"{path}: {key} is empty; each split needs at least one image")
+    if images.dtype == np.uint8:
+        return images
+    if images.dtype.kind == "f" and np.isfinite(images).all() and images.min() >= 0 and images.max() <= 1:
+        return images
+    raise UserError(f"{path}: {key} must be uint8 (0-255) or float in [0, 1], got {images.dtype}")
+
+
+def _check_labels(labels: np.ndarray, key: str, path) -> np.ndarray:
+    if labels.ndim == 2 and labels.shape[1] > 1:
+        raise UserError(
+            f"{path}: {key} has shape {labels.shape}: multi-label data (e.g. ChestMNIST) is "
+            "unsupported; give one class index per image"
+        )
+    if labels.ndim == 2:
+        labels = labels[:, 0]
+    if labels.ndim != 1:
+        raise UserError(f"{path}: {key} has shape {labels.shape}; expected N or N x 1 class indices")
+    if labels.dtype.kind not in "iu":
+        raise UserError(f"{path}: {key} must hold integer class indices, got dtype {labels.dtype}")
+    if len(labels) and labels.min() < 0:
+        raise UserError(f"{path}: {key} has negative class index {labels.min()}; indices start at 0")
+    return labels
+
+
+def _class_names(names, num_classes: int, path) -> list[str]:
+    if names is None:
+        return [f"class_{i}" for i in range(num_classes)]
+    if names.ndim != 1 or names.dtype.kind not in "US":
+        raise UserError(f"{path}: class_names must be a 1-D string array, got {names.dtype} {names.shape}")
+    if len(names) < num_classes:
+        raise UserError(
+            f"{path}: class_names has {len(names)} names but labels go up to {num_classes - 1}; "
+            "give one name per class"
+        )
+    return [n.decode() if isinstance(n, bytes) else str(n) for n in names.tolist()]

@@ -1,0 +1,68 @@
+"""Dataset name -> loader, and `load_task`, the one entry point the pipeline calls.
+
+A loader turns a validated DataConfig into a full TaskData (images may still be at their
+native size). `load_task` then applies what every dataset shares, in this order:
+max_train / max_test caps, train_fraction, resize to image_size. See config.py for the keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from .base import ImageSet, TaskData
+from .config import DataConfig, parse_data_config
+from .fashion_mnist import load_fashion_mnist
+from .folder import load_folder
+from .mri import load_mri
+from .npz import load_npz
+from .sampling import stratified_cap, stratified_fraction
+from .transforms import resize_images
+
+LOADERS: dict[str, Callable[[DataConfig], TaskData]] = {
+    "mri": load_mri,
+    "fashion-mnist": load_fashion_mnist,
+    "npz": load_npz,
+    "folder": load_folder,
+}
+
+
+def available_datasets() -> list[str]:
+    return sorted(LOADERS)
+
+
+def load_task(cfg) -> TaskData:
+    """Validate the `data` config, load the dataset, then cap, subsample and resize it."""
+    config = parse_data_config(cfg, available_datasets())
+    task = LOADERS[config.name](config)
+    train, test, seed = task.train, task.test, config.seed
+    if config.max_train is not None:
+        train = _subset(train, stratified_cap(train.labels.numpy(), config.max_train, seed, "max_train"))
+    if config.max_test is not None:
+        test = _subset(test, stratified_cap(test.labels.numpy(), config.max_test, seed, "max_test"))
+    if config.train_fraction < 1.0:
+        train = _subset(train, stratified_fraction(train.labels.numpy(), config.train_fraction, seed))
+    train = ImageSet(resize_images(train.images, config.image_size), train.labels)
+    test = ImageSet(resize_images(test.images, config.image_size), test.labels)
+    provenance = {
+        **task.provenance,
+        "seed": config.seed,
+        "image_size": config.image_size,
+        "max_train": config.max_train,
+        "max_test": config.max_test,
+        "train_fraction": config.train_fraction,
+        "train_per_class": _counts(train, task.num_classes),
+        "test_per_class": _counts(test, task.num_classes),
+    }
+    return TaskData(task.name, train, test, list(task.class_names), provenance)
+
+
+def _subset(images: ImageSet, index: np.ndarray) -> ImageSet:
+    # Index tensors copy, so the full-size source tensors are freed with the loader's task.
+    return images.subset(torch.from_numpy(index))
+
+
+def _counts(images: ImageSet, num_classes: int) -> list[int]:
+    return torch.bincount(images.labels, minlength=num_classes).tolist()

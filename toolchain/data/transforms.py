@@ -1,0 +1,35 @@
+"""Array -> tensor conversion and resizing shared by the loaders."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# Resize in chunks so a 60k-image set never needs a second full-size float copy at once.
+_RESIZE_CHUNK = 4096
+
+
+def to_nchw_float(images: np.ndarray) -> torch.Tensor:
+    """uint8 N x H x W (gray) or N x H x W x C -> float32 N x C x H x W in [0, 1]."""
+    if images.ndim == 3:
+        images = images[:, None]
+    else:
+        images = images.transpose(0, 3, 1, 2)
+    if images.dtype == np.uint8:
+        return torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0)
+    return torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+
+
+def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear, antialiased resize of N x C x H x W to N x C x size x size (no-op if equal)."""
+    if images.shape[-2:] == (size, size):
+        return images
+    out = torch.empty(images.shape[0], images.shape[1], size, size, dtype=torch.float32)
+    for start in range(0, images.shape[0], _RESIZE_CHUNK):
+        chunk = images[start : start + _RESIZE_CHUNK].float()
+        out[start : start + _RESIZE_CHUNK] = F.interpolate(
+            chunk, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+        )
+    # Bilinear weights are non-negative so this only removes float rounding at 0 and 1.
+    return out.clamp_(0.0, 1.0)

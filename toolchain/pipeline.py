@@ -1,0 +1,196 @@
+"""`medkd-build` end to end: data -> teacher features -> recipe training -> export -> report.
+
+Everything the user can get wrong (data, model names, weights, run directory) is
+checked before the run directory is touched, so a bad invocation leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import save_file
+
+from medkd.export import export_onnx, fold_batchnorm, onnx_parity, profile_onnx_cpu
+from medkd.recipes import build_recipe
+
+from .atomic import atomic_save, atomic_write_text
+from .checkpoint import CHECKPOINT_NAME, config_fingerprint
+from .config import default_run_dir
+from .data import load_task
+from .errors import UserError
+from .features import teacher_features
+from .models.students import build_student, count_parameters
+from .models.teachers import build_teacher
+from .report import write_report
+from .targets import target_summary
+from .train import TrainSettings, accuracy, fit, predict
+
+ARTIFACTS = ("config.yaml", CHECKPOINT_NAME, "student.safetensors", "model.onnx", "report.json", "report.md")
+
+
+class RunLog:
+    """Prints a line and appends it to run_dir/log.txt once the run directory exists."""
+
+    def __init__(self):
+        self.path: Path | None = None
+        self.pending: list[str] = []
+
+    def __call__(self, line: str) -> None:
+        print(line, flush=True)
+        if self.path is None:
+            self.pending.append(line)
+            return
+        with self.path.open("a") as handle:
+            handle.write(line + "\n")
+
+    def attach(self, path: Path) -> None:
+        self.path = path
+        with path.open("a") as handle:
+            handle.writelines(line + "\n" for line in self.pending)
+        self.pending.clear()
+
+
+def progress_setting(cfg: DictConfig) -> bool | None:
+    return None if cfg.progress == "auto" else bool(cfg.progress)
+
+
+def prepare_run_dir(cfg: DictConfig) -> Path:
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
+    has_previous = run_dir.exists() and any((run_dir / name).exists() for name in ARTIFACTS)
+    if has_previous and not (cfg.resume or cfg.overwrite):
+        raise UserError(
+            f"{run_dir} already holds a run; pass resume=true to continue it, "
+            "overwrite=true to replace it, or run_dir=NEW_DIR"
+        )
+    if cfg.overwrite and run_dir.exists():
+        for name in ARTIFACTS:
+            (run_dir / name).unlink(missing_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def training_fingerprint(cfg: DictConfig) -> str:
+    """The settings a resumed run must share with the run that wrote the checkpoint."""
+    sections = {k: OmegaConf.to_container(cfg[k]) for k in ("recipe", "data", "teacher", "student", "train")}
+    sections["seed"] = cfg.seed
+    if not cfg.recipe.needs_teacher:
+        sections.pop("teacher")
+    return config_fingerprint(sections)
+
+
+def run(cfg: DictConfig) -> dict:
+    log = RunLog()
+    started = time.perf_counter()
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    torch.manual_seed(cfg.seed)
+    progress = progress_setting(cfg)
+
+    # 1. Everything that can fail on user input, before any file is written.
+    task = load_task(cfg.data)
+    log(
+        f"data: {task.name}  {len(task.train)} train / {len(task.test)} test  "
+        f"{task.num_classes} classes  {task.in_chans}x{task.image_size}x{task.image_size}"
+    )
+    student = build_student(cfg.student, task.num_classes, task.in_chans, task.image_size)
+    teacher = build_teacher(cfg.teacher) if cfg.recipe.needs_teacher else None
+    recipe = build_recipe(cfg.recipe, student, teacher.feature_dim if teacher else None)
+    run_dir = prepare_run_dir(cfg)
+    log.attach(run_dir / "log.txt")
+    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
+    log(f"run directory: {run_dir}")
+
+    # 2. Frozen-teacher features, once per image set (cached across runs).
+    train_features = test_features = None
+    if teacher is not None:
+        cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else None
+        train_features = teacher_features(
+            teacher, task.train.images, cache_dir, cfg.train.teacher_batch_size, desc="teacher features (train)"
+        )
+        test_features = teacher_features(
+            teacher, task.test.images, cache_dir, cfg.train.teacher_batch_size, desc="teacher features (test)"
+        )
+        del teacher  # the frozen model is not needed past this point
+
+    # 3. Train with per-epoch checkpoints.
+    settings = TrainSettings(
+        epochs=cfg.train.epochs,
+        batch_size=cfg.train.batch_size,
+        lr=cfg.train.lr,
+        weight_decay=cfg.train.weight_decay,
+        seed=cfg.seed,
+        progress=progress,
+    )
+    result = fit(
+        recipe,
+        task.train,
+        task.test,
+        settings,
+        run_dir,
+        training_fingerprint(cfg),
+        train_features,
+        test_features,
+        resume=cfg.resume,
+        log=log,
+    )
+    deployable = recipe.deployable().eval()
+    test_acc = accuracy(predict(deployable, task.test.images), task.test.labels)
+    atomic_save(run_dir / "student.safetensors", lambda tmp: save_file(_contiguous(deployable.state_dict()), str(tmp)))
+
+    # 4. Export: fold BatchNorm, ONNX with dynamic batch, parity, CPU latency.
+    folded = fold_batchnorm(deployable)
+    sample = task.test.images[:8]
+    onnx_path = export_onnx(folded, sample, run_dir / "model.onnx", opset=cfg.export.opset)
+    parity = onnx_parity(deployable, onnx_path, task.test.images[:64])
+    log(f"ONNX parity vs PyTorch: max abs diff {parity['max_abs_diff']:.2e}")
+    latency = profile_onnx_cpu(
+        onnx_path,
+        (1, task.in_chans, task.image_size, task.image_size),
+        warmup=cfg.export.latency_warmup,
+        runs=cfg.export.latency_runs,
+        threads=cfg.threads,
+    )
+
+    report = {
+        "run": {
+            "recipe": cfg.recipe.name,
+            "run_dir": str(run_dir),
+            "seed": cfg.seed,
+            "resumed_from_epoch": result.resumed_from_epoch,
+            "wall_time_s": round(time.perf_counter() - started, 1),
+            "versions": _versions(),
+        },
+        "data": {"name": task.name, "train": len(task.train), "test": len(task.test),
+                 "num_classes": task.num_classes, "class_names": task.class_names,
+                 "image_shape": [task.in_chans, task.image_size, task.image_size],
+                 "provenance": task.provenance},
+        "teacher": None if not cfg.recipe.needs_teacher else OmegaConf.to_container(cfg.teacher),
+        "student": {"name": cfg.student.name, "parameters": count_parameters(deployable)},
+        "training": {"epochs": cfg.train.epochs, "history": result.history,
+                     "test_accuracy": test_acc,
+                     "teacher_test_accuracy": result.history[-1].get("teacher_test_accuracy") if result.history else None},
+        "export": {"onnx_path": str(onnx_path), "onnx_size_bytes": onnx_path.stat().st_size,
+                   "opset": cfg.export.opset, "parity": parity},
+        "latency": latency,
+        "target": target_summary(cfg.target),
+    }
+    md_path, json_path = write_report(run_dir, report)
+    log(f"test accuracy {test_acc:.4f}; report: {md_path}")
+    return report
+
+
+def _contiguous(state: dict) -> dict:
+    return {k: v.detach().contiguous() for k, v in state.items()}
+
+
+def _versions() -> dict:
+    import onnxruntime
+    import timm
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "timm": timm.__version__, "onnxruntime": onnxruntime.__version__}

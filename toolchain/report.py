@@ -1,0 +1,314 @@
+"""The run report: ``report.json`` (machine-readable) and ``report.md`` (for people).
+
+:func:`write_report` takes one nested dict and writes both files into the run folder,
+each atomically (temp file in the same folder, fsync, ``os.replace``). Every section and
+every key is optional: whatever is missing renders as "n/a" in the markdown, and the
+JSON is the dict as given (plus ``run.versions`` filled in from the writing process when
+absent), with sorted keys and indent 2.
+
+Schema (all values JSON-serialisable; ``Path`` and numpy scalars/arrays are converted;
+non-finite floats are written as the strings "NaN"/"Infinity"/"-Infinity")::
+
+    run:        recipe: str            e.g. "rd"
+                target: str            e.g. "jetson-orin"
+                data: str              e.g. "mri"
+                student: str           e.g. "resnet18"
+                teacher: str
+                run_dir: str
+                started_at, finished_at: str (ISO 8601)
+                seeds: {name: int}     e.g. {"global": 0, "split": 0} (an int is accepted too)
+                command: str           the command line that produced the run
+                versions: {package: version}   python, torch, onnxruntime, onnx, timm, medkd
+    data:       name, source: str      source = where the images came from (path / dataset id)
+                split_rule: str        how train/val/test were made (e.g. "stratified 70/15/15, seed 0")
+                num_classes: int, class_names: [str], channels: int, image_size: int
+                sizes: {train: int, val: int, test: int}
+    teacher:    name, weights: str     weights = file / hub id / checksum of the frozen teacher
+                test_accuracy: float   accuracy of the teacher branch (teacher + probe head), 0..1
+    student:    arch: str, params: int
+                test_accuracy: float   0..1
+    training:   epochs: int, best_epoch: int
+                history: [{epoch: int, train_loss, val_loss, train_acc, val_acc: float, ...}]
+                    (any per-epoch keys; the table shows the union, in the order above first)
+    export:     onnx_path: str, onnx_size_bytes: int, opset: int, exporter: str
+                bn_folded: int, bn_unfolded: int
+                parity: {max_abs_diff, mean_abs_diff, top1_agreement, num_samples}
+    latency:    the dict of medkd.export.profile_onnx_cpu: p50_ms, p90_ms, p99_ms, mean_ms,
+                runs, warmup, threads, provider, onnxruntime_version, session_options, ...
+    target:     name, description, runtime ("onnxruntime" | "tensorrt"), precision, arch
+                remaining: str | [str]  what is still to do for this target; when absent it is
+                    derived from `runtime` (tensorrt -> engine build not yet implemented)
+
+Accuracies are fractions in [0, 1] and shown as percentages in the markdown.
+
+Also accepted (the spelling ``toolchain/pipeline.py`` uses), each only where the key
+above is absent: ``run.seed``; ``student.name`` / ``student.parameters``;
+``training.test_accuracy`` (student) and ``training.teacher_test_accuracy``;
+``data.provenance.source`` / ``data.provenance.split_rule``; ``data.train`` /
+``data.val`` / ``data.test`` (split sizes); ``teacher.checkpoint`` (weights);
+``target.status`` (used as the "remaining" note).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from medkd.toolchain.errors import UserError
+
+__all__ = ["write_report", "render_markdown", "collect_versions", "SECTIONS"]
+
+SECTIONS = ("run", "data", "teacher", "student", "training", "export", "latency", "target")
+NA = "n/a"
+_VERSION_PACKAGES = ("torch", "onnxruntime", "onnx", "timm", "medkd")
+
+
+def collect_versions() -> dict[str, str]:
+    """Versions of python and the packages that determine the results."""
+    out = {"python": platform.python_version()}
+    for pkg in _VERSION_PACKAGES:
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = NA
+    return out
+
+
+# ----------------------------------------------------------------------------- json
+
+
+def _jsonable(obj: Any) -> Any:
+    """Deep-convert to plain JSON types (raises UserError naming the offending key)."""
+
+    def conv(o: Any, where: str) -> Any:
+        if isinstance(o, dict):
+            return {str(k): conv(v, f"{where}.{k}") for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [conv(v, f"{where}[{i}]") for i, v in enumerate(o)]
+        if isinstance(o, bool) or o is None or isinstance(o, (str, int)):
+            return o
+        if isinstance(o, float):
+            if math.isnan(o):
+                return "NaN"
+            if math.isinf(o):
+                return "Infinity" if o > 0 else "-Infinity"
+            return o
+        if isinstance(o, os.PathLike):
+            return os.fspath(o)
+        if hasattr(o, "tolist") and callable(o.tolist):  # numpy / torch scalars and arrays
+            return conv(o.tolist(), where)
+        raise UserError(f"report value at {where} is not JSON-serialisable ({type(o).__name__})")
+
+    return conv(obj, "report")
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+# ------------------------------------------------------------------------- markdown
+
+
+def _sec(report: dict, name: str) -> dict:
+    v = report.get(name)
+    return v if isinstance(v, dict) else {}
+
+
+def _num(v: Any, fmt: str = "{:.4g}") -> str:
+    if isinstance(v, bool) or v is None:
+        return NA if v is None else str(v)
+    if isinstance(v, (int, float)):
+        if isinstance(v, float) and not math.isfinite(v):
+            return str(v)
+        return fmt.format(v)
+    return str(v) if v != "" else NA
+
+
+def _pct(v: Any) -> str:
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+        return f"{100 * v:.2f} %"
+    return _num(v)
+
+
+def _int(v: Any) -> str:
+    if isinstance(v, int) and not isinstance(v, bool):
+        return f"{v:,}"
+    return _num(v)
+
+
+def _txt(v: Any) -> str:
+    if v is None or v == "" or v == [] or v == {}:
+        return NA
+    if isinstance(v, dict):
+        return ", ".join(f"{k}={_txt(x)}" for k, x in v.items())
+    if isinstance(v, (list, tuple)):
+        return ", ".join(_txt(x) for x in v)
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return lines
+
+
+def _first(*candidates: tuple[dict, str]) -> Any:
+    """The value of the first (section, key) present and not None."""
+    for section, key in candidates:
+        if isinstance(section, dict) and section.get(key) is not None:
+            return section[key]
+    return None
+
+
+def _remaining(target: dict) -> list[str]:
+    rem = _first((target, "remaining"), (target, "status"))
+    if isinstance(rem, str):
+        return [rem]
+    if isinstance(rem, (list, tuple)):
+        return [str(r) for r in rem]
+    runtime = str(target.get("runtime", "")).lower()
+    name = target.get("name", NA)
+    if runtime == "tensorrt":
+        return [f"TensorRT engine build for {name}: not yet implemented; this run produced ONNX only."]
+    if runtime == "onnxruntime":
+        return [f"Nothing: the ONNX model runs as-is with ONNX Runtime on {name}."]
+    return [NA]
+
+
+def render_markdown(report: dict) -> str:
+    """The human-readable report for `report` (see the module docstring for the schema)."""
+    run, data, teacher, student = (_sec(report, s) for s in ("run", "data", "teacher", "student"))
+    training, export, latency, target = (_sec(report, s) for s in ("training", "export", "latency", "target"))
+    parity = export.get("parity") if isinstance(export.get("parity"), dict) else {}
+    provenance = data.get("provenance") if isinstance(data.get("provenance"), dict) else {}
+    student_name = _first((student, "arch"), (student, "name"), (run, "student"))
+    teacher_name = _first((teacher, "name"), (run, "teacher"))
+    student_acc = _first((student, "test_accuracy"), (training, "test_accuracy"))
+    teacher_acc = _first((teacher, "test_accuracy"), (training, "teacher_test_accuracy"))
+    sizes = data.get("sizes")
+    if not isinstance(sizes, dict):
+        sizes = {k: data[k] for k in ("train", "val", "test") if isinstance(data.get(k), int)}
+
+    recipe = run.get("recipe", NA)
+    target_name = target.get("name", run.get("target", NA))
+    data_name = data.get("name", run.get("data", NA))
+    out = [f"# medkd run report: {_txt(recipe)} → {_txt(target_name)} ({_txt(data_name)})", ""]
+    out += [
+        f"- Student: {_txt(student_name)}",
+        f"- Teacher: {_txt(teacher_name)}",
+        f"- Run folder: {_txt(run.get('run_dir'))}",
+        f"- Finished: {_txt(run.get('finished_at'))}",
+        "",
+        "## Metrics",
+        "",
+    ]
+    size = export.get("onnx_size_bytes")
+    size_mb = _num(size / 1e6, "{:.2f} MB") if isinstance(size, (int, float)) and not isinstance(size, bool) else NA
+    if latency:
+        lat = " / ".join(_num(latency.get(k), "{:.3f}") for k in ("p50_ms", "p90_ms", "p99_ms")) + " ms"
+        lat_setup = (
+            f"{_txt(latency.get('provider'))}, {_txt(latency.get('threads'))} threads, "
+            f"batch {_txt(latency.get('batch_size', 1))}, {_txt(latency.get('runs'))} runs "
+            f"(+{_txt(latency.get('warmup'))} warm-up), onnxruntime {_txt(latency.get('onnxruntime_version'))}"
+        )
+    else:
+        lat, lat_setup = NA, NA
+    rows = [
+        ["Test accuracy (student)", _pct(student_acc)],
+    ]
+    if teacher_acc is not None:
+        rows.append(["Test accuracy (teacher branch)", _pct(teacher_acc)])
+    rows += [
+        ["Parameters (student)", _int(_first((student, "params"), (student, "parameters")))],
+        ["ONNX model size", size_mb],
+        ["ONNX opset", _txt(export.get("opset"))],
+        ["BatchNorms folded / kept", f"{_txt(export.get('bn_folded'))} / {_txt(export.get('bn_unfolded'))}"],
+        ["Parity max abs diff (PyTorch vs ONNX Runtime)", _num(parity.get("max_abs_diff"), "{:.3g}")],
+        ["Parity top-1 agreement", _pct(parity.get("top1_agreement"))],
+        ["ONNX Runtime CPU latency p50 / p90 / p99", lat],
+        ["ONNX Runtime CPU threads", _txt(latency.get("threads"))],
+        ["Latency setup", lat_setup],
+    ]
+    out += _table(["Metric", "Value"], rows)
+
+    out += ["", "## Target", ""]
+    out += [
+        f"- Target: {_txt(target_name)} — {_txt(target.get('description'))}",
+        f"- Runtime / precision: {_txt(target.get('runtime'))} / {_txt(target.get('precision'))}",
+        f"- ONNX file: {_txt(export.get('onnx_path'))}",
+        "- Remaining for this target:",
+    ]
+    out += [f"  - {_txt(r)}" for r in _remaining(target)]
+
+    out += ["", "## Training history", ""]
+    history = training.get("history")
+    if isinstance(history, list) and history and all(isinstance(h, dict) for h in history):
+        preferred = ["epoch", "loss", "train_loss", "val_loss", "train_acc", "val_acc",
+                     "test_accuracy", "teacher_test_accuracy"]
+        keys = [k for k in preferred if any(k in h for h in history)]
+        keys += sorted({k for h in history for k in h} - set(keys))
+        fmt = {k: (_pct if k.endswith("acc") or k.endswith("accuracy") else _num) for k in keys}
+        fmt["epoch"] = _txt
+        out += _table(keys, [[fmt[k](h.get(k)) for k in keys] for h in history])
+        if "best_epoch" in training:
+            out += ["", f"Best epoch: {_txt(training.get('best_epoch'))}"]
+    else:
+        out.append(NA)
+
+    seeds = _first((run, "seeds"), (run, "seed"))
+    versions = run.get("versions") if isinstance(run.get("versions"), dict) else {}
+    out += ["", "## Provenance", ""]
+    out += [
+        f"- Data source: {_txt(_first((data, 'source'), (provenance, 'source')))}",
+        f"- Split rule: {_txt(_first((data, 'split_rule'), (provenance, 'split_rule')))}",
+        f"- Split sizes: {_txt(sizes)}",
+        f"- Classes: {_txt(data.get('num_classes'))} ({_txt(data.get('class_names'))})",
+        f"- Teacher: {_txt(teacher_name)} (weights: {_txt(_first((teacher, 'weights'), (teacher, 'checkpoint')))})",
+        f"- Seeds: {_txt(seeds)}",
+        f"- Command: {_txt(run.get('command'))}",
+        "- Versions: " + (", ".join(f"{k} {_txt(v)}" for k, v in versions.items()) if versions else NA),
+        "",
+    ]
+    return "\n".join(out)
+
+
+def write_report(run_dir: str | os.PathLike, report: dict) -> tuple[Path, Path]:
+    """Write ``report.md`` and ``report.json`` into `run_dir`; return ``(md_path, json_path)``.
+
+    `report` is not modified. ``run.versions`` is filled with :func:`collect_versions`
+    when absent.
+    """
+    if not isinstance(report, dict):
+        raise UserError(f"report must be a dict, got {type(report).__name__}")
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    data = _jsonable(report)
+    run = data.get("run")
+    if run is None:
+        data["run"] = run = {}
+    if isinstance(run, dict) and "versions" not in run:
+        run["versions"] = collect_versions()
+    json_text = json.dumps(data, sort_keys=True, indent=2, allow_nan=False) + "\n"
+    md_text = render_markdown(data)
+    json_path, md_path = run_dir / "report.json", run_dir / "report.md"
+    _atomic_write_text(json_path, json_text)
+    _atomic_write_text(md_path, md_text)
+    return md_path, json_path
