@@ -28,7 +28,8 @@ from omegaconf import OmegaConf
 
 from medkd.recipes import build_recipe
 from medkd.toolchain.config import load_config
-from medkd.toolchain.data import load_task, stratified_subset
+from medkd.toolchain.data import load_task
+from medkd.toolchain.data.sampling import stratified_fraction
 from medkd.toolchain.features import teacher_features
 from medkd.toolchain.models.students import build_student
 from medkd.toolchain.models.teachers import build_teacher
@@ -44,6 +45,10 @@ def parse_args(argv=None):
     parser.add_argument("--fractions", nargs="+", type=float, default=[1.0, 0.1])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=None, help="default: the config's train.epochs")
+    parser.add_argument(
+        "--scarce-epoch-factor", type=float, default=3.0,
+        help="a fraction-f run trains min(1/f, factor) times the epochs, so tiny sets still get enough steps",
+    )
     parser.add_argument("--max-train", type=int, default=None, help="cap on the full training set")
     parser.add_argument("--max-test", type=int, default=None)
     parser.add_argument("--teacher", default="litemedsam")
@@ -63,13 +68,13 @@ def bench_config(args, dataset: str):
     return load_config(overrides)
 
 
-def run_one(cfg, recipe_name: str, task, train_index, train_feats, test_feats, seed: int) -> dict:
+def run_one(cfg, recipe_name: str, task, train_index, train_feats, test_feats, seed: int, epochs: int) -> dict:
     torch.manual_seed(seed)
     recipe_cfg = load_config([f"recipe={recipe_name}"]).recipe
     student = build_student(cfg.student, task.num_classes, task.in_chans, task.image_size)
     recipe = build_recipe(recipe_cfg, student, train_feats.shape[1])
     train = task.train.subset(train_index)
-    settings = TrainSettings(cfg.train.epochs, cfg.train.batch_size, cfg.train.lr, cfg.train.weight_decay, seed, False)
+    settings = TrainSettings(epochs, cfg.train.batch_size, cfg.train.lr, cfg.train.weight_decay, seed, False)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as run_dir:
         result = fit(
@@ -83,6 +88,7 @@ def run_one(cfg, recipe_name: str, task, train_index, train_feats, test_feats, s
         "test_accuracy": last["test_accuracy"],
         "teacher_test_accuracy": last.get("teacher_test_accuracy"),
         "train_size": len(train),
+        "epochs": epochs,
         "train_seconds": round(time.perf_counter() - started, 1),
     }
 
@@ -106,8 +112,12 @@ def print_table(summary: list[dict]) -> None:
         line = f"{dataset:<14}{fraction:>7.0%}  "
         line += "".join(f"{cells[r]['mean']:>9.4f}±{cells[r]['std']:.3f}" if r in cells else f"{'-':>16}" for r in RECIPES)
         if all(r in cells for r in RECIPES):
-            best = max(RECIPES, key=lambda r: cells[r]["mean"])
-            line += "   yes" if best == "rd" else f"   no ({best})"
+            others = max(cells[r]["mean"] for r in RECIPES if r != "rd")
+            if cells["rd"]["mean"] > others:
+                line += "   yes"
+            else:
+                best = max(RECIPES, key=lambda r: cells[r]["mean"])
+                line += "   tie" if cells["rd"]["mean"] == others else f"   no ({best})"
         print(line)
 
 
@@ -123,10 +133,11 @@ def main(argv=None) -> int:
         test_feats = teacher_features(teacher, task.test.images, cache, cfg.train.teacher_batch_size, "teacher (test)")
         for fraction in args.fractions:
             for seed in args.seeds:
-                train_index = stratified_subset(task.train.labels, fraction, seed)
+                train_index = torch.as_tensor(stratified_fraction(task.train.labels.numpy(), fraction, seed))
+                epochs = round(cfg.train.epochs * min(1.0 / fraction, args.scarce_epoch_factor))
                 for recipe_name in RECIPES:
                     row = {"dataset": dataset, "fraction": fraction, "seed": seed, "recipe": recipe_name}
-                    row.update(run_one(cfg, recipe_name, task, train_index, train_feats, test_feats, seed))
+                    row.update(run_one(cfg, recipe_name, task, train_index, train_feats, test_feats, seed, epochs))
                     rows.append(row)
                     print(f"{dataset} {fraction:.0%} seed {seed} {recipe_name:<8} "
                           f"acc {row['test_accuracy']:.4f}  ({row['train_seconds']} s, n={row['train_size']})",
@@ -140,7 +151,8 @@ def main(argv=None) -> int:
         "device": f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "torch": torch.__version__,
         "teacher": args.teacher, "student": args.student,
-        "epochs": cfg.train.epochs,
+        "epochs_full_labels": cfg.train.epochs,
+        "scarce_epoch_factor": args.scarce_epoch_factor,
         "summary": summary, "runs": rows,
     }, indent=2))
     print(f"\nwrote {args.output}")

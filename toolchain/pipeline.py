@@ -7,6 +7,8 @@ checked before the run directory is touched, so a bad invocation leaves nothing 
 from __future__ import annotations
 
 import platform
+import sys
+from datetime import datetime, timezone
 import shutil
 import time
 from pathlib import Path
@@ -15,7 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
-from medkd.export import export_onnx, fold_batchnorm, onnx_parity, profile_onnx_cpu
+from medkd.export import export_onnx, fold_batchnorm_with_stats, onnx_parity, profile_onnx_cpu
 from medkd.recipes import build_recipe
 
 from .atomic import atomic_save, atomic_write_text
@@ -86,6 +88,7 @@ def training_fingerprint(cfg: DictConfig) -> str:
 def run(cfg: DictConfig) -> dict:
     log = RunLog()
     started = time.perf_counter()
+    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     torch.manual_seed(cfg.seed)
@@ -106,15 +109,19 @@ def run(cfg: DictConfig) -> dict:
     log(f"run directory: {run_dir}")
 
     # 2. Frozen-teacher features, once per image set (cached across runs).
-    train_features = test_features = None
+    train_features = test_features = teacher_info = None
     if teacher is not None:
         cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else None
         train_features = teacher_features(
-            teacher, task.train.images, cache_dir, cfg.train.teacher_batch_size, desc="teacher features (train)"
+            teacher, task.train.images, cache_dir, cfg.train.teacher_batch_size,
+            desc="teacher features (train)", progress=cfg.progress
         )
         test_features = teacher_features(
-            teacher, task.test.images, cache_dir, cfg.train.teacher_batch_size, desc="teacher features (test)"
+            teacher, task.test.images, cache_dir, cfg.train.teacher_batch_size,
+            desc="teacher features (test)", progress=cfg.progress
         )
+        teacher_info = {**OmegaConf.to_container(cfg.teacher), "feature_dim": teacher.feature_dim,
+                        "weights": cfg.teacher.checkpoint or f"shipped with the package ({teacher.fingerprint})"}
         del teacher  # the frozen model is not needed past this point
 
     # 3. Train with per-epoch checkpoints.
@@ -143,7 +150,8 @@ def run(cfg: DictConfig) -> dict:
     atomic_save(run_dir / "student.safetensors", lambda tmp: save_file(_contiguous(deployable.state_dict()), str(tmp)))
 
     # 4. Export: fold BatchNorm, ONNX with dynamic batch, parity, CPU latency.
-    folded = fold_batchnorm(deployable)
+    folded, fold_stats = fold_batchnorm_with_stats(deployable)
+    log(f"BatchNorm folded: {fold_stats.num_folded}, kept: {fold_stats.num_unfolded}")
     sample = task.test.images[:8]
     onnx_path = export_onnx(folded, sample, run_dir / "model.onnx", opset=cfg.export.opset)
     parity = onnx_parity(deployable, onnx_path, task.test.images[:64])
@@ -154,6 +162,7 @@ def run(cfg: DictConfig) -> dict:
         warmup=cfg.export.latency_warmup,
         runs=cfg.export.latency_runs,
         threads=cfg.threads,
+        progress=progress,
     )
 
     report = {
@@ -163,19 +172,23 @@ def run(cfg: DictConfig) -> dict:
             "seed": cfg.seed,
             "resumed_from_epoch": result.resumed_from_epoch,
             "wall_time_s": round(time.perf_counter() - started, 1),
+            "started_at": started_at,
+            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "command": "medkd-build " + " ".join(sys.argv[1:]) if sys.argv and "medkd-build" in sys.argv[0] else None,
             "versions": _versions(),
         },
         "data": {"name": task.name, "train": len(task.train), "test": len(task.test),
                  "num_classes": task.num_classes, "class_names": task.class_names,
                  "image_shape": [task.in_chans, task.image_size, task.image_size],
                  "provenance": task.provenance},
-        "teacher": None if not cfg.recipe.needs_teacher else OmegaConf.to_container(cfg.teacher),
+        "teacher": teacher_info,
         "student": {"name": cfg.student.name, "parameters": count_parameters(deployable)},
         "training": {"epochs": cfg.train.epochs, "history": result.history,
                      "test_accuracy": test_acc,
                      "teacher_test_accuracy": result.history[-1].get("teacher_test_accuracy") if result.history else None},
         "export": {"onnx_path": str(onnx_path), "onnx_size_bytes": onnx_path.stat().st_size,
-                   "opset": cfg.export.opset, "parity": parity},
+                   "opset": cfg.export.opset, "parity": parity,
+                   "bn_folded": fold_stats.num_folded, "bn_unfolded": fold_stats.num_unfolded},
         "latency": latency,
         "target": target_summary(cfg.target),
     }
