@@ -42,7 +42,7 @@ RESULTS = Path(__file__).parent / "results" / "distill.json"
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", nargs="+", default=["mri", "fashion-mnist"])
-    parser.add_argument("--fractions", nargs="+", type=float, default=[1.0, 0.1])
+    parser.add_argument("--fractions", nargs="+", type=float, default=[0.1, 1.0])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=None, help="default: the config's train.epochs")
     parser.add_argument(
@@ -121,6 +121,22 @@ def print_table(summary: list[dict]) -> None:
         print(line)
 
 
+def write_results(args, cfg, rows: list[dict], complete: bool) -> None:
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps({
+        "benchmark": "distill",
+        "claim": "RD beats KD and scratch, most in the data-scarce setting",
+        "complete": complete,
+        "device": f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "torch": torch.__version__,
+        "teacher": args.teacher, "student": args.student,
+        "epochs_full_labels": cfg.train.epochs,
+        "scarce_epoch_factor": args.scarce_epoch_factor,
+        "max_train": args.max_train, "max_test": args.max_test,
+        "summary": summarise(rows), "runs": rows,
+    }, indent=2))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     rows = []
@@ -139,22 +155,12 @@ def main(argv=None) -> int:
                     row = {"dataset": dataset, "fraction": fraction, "seed": seed, "recipe": recipe_name}
                     row.update(run_one(cfg, recipe_name, task, train_index, train_feats, test_feats, seed, epochs))
                     rows.append(row)
+                    write_results(args, cfg, rows, complete=False)  # partial results survive a kill
                     print(f"{dataset} {fraction:.0%} seed {seed} {recipe_name:<8} "
                           f"acc {row['test_accuracy']:.4f}  ({row['train_seconds']} s, n={row['train_size']})",
                           flush=True)
-    summary = summarise(rows)
-    print_table(summary)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps({
-        "benchmark": "distill",
-        "claim": "RD beats KD and scratch, most in the data-scarce setting",
-        "device": f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-        "torch": torch.__version__,
-        "teacher": args.teacher, "student": args.student,
-        "epochs_full_labels": cfg.train.epochs,
-        "scarce_epoch_factor": args.scarce_epoch_factor,
-        "summary": summary, "runs": rows,
-    }, indent=2))
+    print_table(summarise(rows))
+    write_results(args, cfg, rows, complete=True)
     print(f"\nwrote {args.output}")
     return 0
 

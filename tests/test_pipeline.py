@@ -46,6 +46,13 @@ def test_rd_build_writes_every_artifact_and_an_honest_report(small, tmp_path):
     assert len(on_disk["training"]["history"]) == 2
     assert "teacher_test_accuracy" in on_disk["training"]["history"][-1]
     assert "jetson-orin" in (run_dir / "report.md").read_text()
+    # The firmware container holds exactly the exported ONNX model.
+    from medkd.export.firmware import read_firmware_blob
+
+    header, payload = read_firmware_blob(run_dir / "firmware" / "medkd_model.bin")
+    assert header["kind"] == "onnx" and payload == (run_dir / "model.onnx").read_bytes()
+    assert on_disk["export"]["firmware"]["crc32"] == header["crc32"]
+    assert "medkd_model.bin" in (run_dir / "report.md").read_text()
 
 
 def test_existing_run_is_not_clobbered(small, capsys):

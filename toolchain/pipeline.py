@@ -17,6 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
+from medkd.export.firmware import write_firmware_blob
 from medkd.export import export_onnx, fold_batchnorm_with_stats, onnx_parity, profile_onnx_cpu
 from medkd.recipes import build_recipe
 
@@ -72,6 +73,7 @@ def prepare_run_dir(cfg: DictConfig) -> Path:
     if cfg.overwrite and run_dir.exists():
         for name in ARTIFACTS:
             (run_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(run_dir / "firmware", ignore_errors=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
@@ -165,6 +167,11 @@ def run(cfg: DictConfig) -> dict:
         progress=progress,
     )
 
+    firmware = write_firmware_blob(
+        onnx_path, run_dir / "firmware", kind="onnx", c_source=cfg.export.firmware_c_source
+    )
+    log(f"firmware container: {firmware['bin']} ({firmware['container_size']} bytes, crc32 {firmware['crc32']:#010x})")
+
     report = {
         "run": {
             "recipe": cfg.recipe.name,
@@ -188,7 +195,8 @@ def run(cfg: DictConfig) -> dict:
                      "teacher_test_accuracy": result.history[-1].get("teacher_test_accuracy") if result.history else None},
         "export": {"onnx_path": str(onnx_path), "onnx_size_bytes": onnx_path.stat().st_size,
                    "opset": cfg.export.opset, "parity": parity,
-                   "bn_folded": fold_stats.num_folded, "bn_unfolded": fold_stats.num_unfolded},
+                   "bn_folded": fold_stats.num_folded, "bn_unfolded": fold_stats.num_unfolded,
+                   "firmware": firmware},
         "latency": latency,
         "target": target_summary(cfg.target),
     }

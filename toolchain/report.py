@@ -193,6 +193,17 @@ def _remaining(target: dict) -> list[str]:
     return [NA]
 
 
+def _firmware_line(firmware) -> str:
+    if not isinstance(firmware, dict):
+        return NA
+    crc = firmware.get("crc32")
+    crc_text = f"{crc:#010x}" if isinstance(crc, int) else NA
+    return (
+        f"{_txt(firmware.get('bin'))} ({_txt(firmware.get('kind'))} payload, "
+        f"{_int(firmware.get('container_size'))} bytes, crc32 {crc_text})"
+    )
+
+
 def render_markdown(report: dict) -> str:
     """The human-readable report for `report` (see the module docstring for the schema)."""
     run, data, teacher, student = (_sec(report, s) for s in ("run", "data", "teacher", "student"))
@@ -254,6 +265,7 @@ def render_markdown(report: dict) -> str:
         f"- Target: {_txt(target_name)} — {_txt(target.get('description'))}",
         f"- Runtime / precision: {_txt(target.get('runtime'))} / {_txt(target.get('precision'))}",
         f"- ONNX file: {_txt(export.get('onnx_path'))}",
+        f"- Firmware container: {_firmware_line(export.get('firmware'))}",
         "- Remaining for this target:",
     ]
     out += [f"  - {_txt(r)}" for r in _remaining(target)]

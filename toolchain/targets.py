@@ -10,9 +10,9 @@ def target_summary(cfg: DictConfig) -> dict:
     if cfg.runtime == "tensorrt":
         # Engine building lands with the TensorRT/firmware work; say so rather than pretend.
         summary["status"] = (
-            "ONNX exported; TensorRT engine and firmware artifact not built yet "
-            "(planned: export/tensorrt). Build the engine on the device with "
-            "`trtexec --onnx=model.onnx --fp16 --saveEngine=model.engine`."
+            "ONNX exported and packed as a firmware container (firmware/medkd_model.bin, ONNX "
+            "payload); TensorRT engine not built yet (planned: export/tensorrt). Build it on the "
+            "device with `trtexec --onnx=model.onnx --fp16 --saveEngine=model.engine`."
         )
         summary["engine_built"] = False
     else:
