@@ -1,9 +1,11 @@
 """Benchmark: RD vs KD vs scratch on the MRI task and Fashion-MNIST, full and data-scarce.
 
 The paper's claim under test: RD beats KD and training from scratch, most of all when
-labels are scarce. Every (dataset, label fraction, seed) trains all three recipes on
-the same images, with the same student and the same frozen-teacher features; the
-teacher features are extracted once per dataset and indexed for the subsets.
+labels are scarce. Every (dataset, label fraction, seed) trains all three recipes with
+the same labelled images, the same student and the same frozen-teacher features (once
+per dataset, indexed for subsets). With scarce labels the distillation recipes also
+see the unlabelled rest of the training images (the transfer set; --no-transfer turns
+that off), since withholding labels does not make the images disappear.
 
     python bench/distill.py                      # full protocol (3 seeds, 100% and 10%)
     python bench/distill.py --seeds 0 --epochs 2 --max-train 256   # quick look
@@ -26,9 +28,10 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from medkd.recipes import build_recipe
+from medkd.recipes import RECIPES as RECIPE_CLASSES
+from medkd.recipes import UNLABELLED, build_recipe
 from medkd.toolchain.config import load_config
-from medkd.toolchain.data import load_task
+from medkd.toolchain.data import ImageSet, load_task
 from medkd.toolchain.data.sampling import stratified_fraction
 from medkd.toolchain.features import teacher_features
 from medkd.toolchain.models.students import build_student
@@ -49,6 +52,11 @@ def parse_args(argv=None):
         "--scarce-epoch-factor", type=float, default=3.0,
         help="a fraction-f run trains min(1/f, factor) times the epochs, so tiny sets still get enough steps",
     )
+    parser.add_argument(
+        "--no-transfer", dest="transfer", action="store_false",
+        help="with scarce labels, train every recipe on the labelled images only "
+        "(default: kd/rd also distil on the unlabelled rest, the transfer set)",
+    )
     parser.add_argument("--max-train", type=int, default=None, help="cap on the full training set")
     parser.add_argument("--max-test", type=int, default=None)
     parser.add_argument("--teacher", default="litemedsam")
@@ -68,18 +76,31 @@ def bench_config(args, dataset: str):
     return load_config(overrides)
 
 
-def run_one(cfg, recipe_name: str, task, train_index, train_feats, test_feats, seed: int, epochs: int) -> dict:
+def scarce_training_set(task, labelled_index: torch.Tensor, recipe_cls, transfer: bool):
+    """The training images and labels a recipe sees when only `labelled_index` keep labels.
+
+    Distillation recipes (with `transfer`) keep every image as a transfer set, with the
+    withheld labels set to UNLABELLED; the others train on the labelled images alone.
+    Returns (image_index, labels).
+    """
+    if transfer and recipe_cls.uses_unlabelled:
+        labels = torch.full_like(task.train.labels, UNLABELLED)
+        labels[labelled_index] = task.train.labels[labelled_index]
+        return torch.arange(len(task.train)), labels
+    return labelled_index, task.train.labels[labelled_index]
+
+
+def run_one(cfg, recipe_name: str, task, train: ImageSet, train_feats, test_feats, seed: int, epochs: int) -> dict:
     torch.manual_seed(seed)
     recipe_cfg = load_config([f"recipe={recipe_name}"]).recipe
     student = build_student(cfg.student, task.num_classes, task.in_chans, task.image_size)
     recipe = build_recipe(recipe_cfg, student, train_feats.shape[1])
-    train = task.train.subset(train_index)
     settings = TrainSettings(epochs, cfg.train.batch_size, cfg.train.lr, cfg.train.weight_decay, seed, False)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as run_dir:
         result = fit(
             recipe, train, task.test, settings, Path(run_dir), "bench",
-            train_feats[train_index] if recipe.needs_teacher else None,
+            train_feats if recipe.needs_teacher else None,
             test_feats if recipe.needs_teacher else None,
             log=lambda line: None,
         )
@@ -88,6 +109,7 @@ def run_one(cfg, recipe_name: str, task, train_index, train_feats, test_feats, s
         "test_accuracy": last["test_accuracy"],
         "teacher_test_accuracy": last.get("teacher_test_accuracy"),
         "train_size": len(train),
+        "labelled": int((train.labels != UNLABELLED).sum()),
         "epochs": epochs,
         "train_seconds": round(time.perf_counter() - started, 1),
     }
@@ -132,6 +154,7 @@ def write_results(args, cfg, rows: list[dict], complete: bool) -> None:
         "teacher": args.teacher, "student": args.student,
         "epochs_full_labels": cfg.train.epochs,
         "scarce_epoch_factor": args.scarce_epoch_factor,
+        "unlabelled_transfer_set": args.transfer,
         "max_train": args.max_train, "max_test": args.max_test,
         "summary": summarise(rows), "runs": rows,
     }, indent=2))
@@ -149,11 +172,14 @@ def main(argv=None) -> int:
         test_feats = teacher_features(teacher, task.test.images, cache, cfg.train.teacher_batch_size, "teacher (test)")
         for fraction in args.fractions:
             for seed in args.seeds:
-                train_index = torch.as_tensor(stratified_fraction(task.train.labels.numpy(), fraction, seed))
-                epochs = round(cfg.train.epochs * min(1.0 / fraction, args.scarce_epoch_factor))
+                labelled_index = torch.as_tensor(stratified_fraction(task.train.labels.numpy(), fraction, seed))
                 for recipe_name in RECIPES:
+                    index, labels = scarce_training_set(task, labelled_index, RECIPE_CLASSES[recipe_name], args.transfer)
+                    train = ImageSet(task.train.images[index], labels)
+                    # Few images -> few steps per epoch; give small sets more epochs.
+                    epochs = round(cfg.train.epochs * min(len(task.train) / len(index), args.scarce_epoch_factor))
                     row = {"dataset": dataset, "fraction": fraction, "seed": seed, "recipe": recipe_name}
-                    row.update(run_one(cfg, recipe_name, task, train_index, train_feats, test_feats, seed, epochs))
+                    row.update(run_one(cfg, recipe_name, task, train, train_feats[index], test_feats, seed, epochs))
                     rows.append(row)
                     write_results(args, cfg, rows, complete=False)  # partial results survive a kill
                     print(f"{dataset} {fraction:.0%} seed {seed} {recipe_name:<8} "

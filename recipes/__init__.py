@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from medkd.toolchain.errors import ConfigError
 
-from .base import Batch, Recipe
+from .base import UNLABELLED, Batch, Recipe, labelled_cross_entropy
 from .kd import KDRecipe
 from .rd import RDRecipe
 from .scratch import ScratchRecipe
@@ -24,4 +24,4 @@ def build_recipe(cfg, student, teacher_dim: int | None) -> Recipe:
     return recipe_cls(cfg, student, teacher_dim)
 
 
-__all__ = ["Batch", "Recipe", "RECIPES", "build_recipe"]
+__all__ = ["UNLABELLED", "Batch", "Recipe", "RECIPES", "build_recipe", "labelled_cross_entropy"]

@@ -10,7 +10,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+# Label of a training image whose label is withheld (the data-scarce setting): it still
+# serves distillation as part of the transfer set. Same value as cross_entropy's default
+# ignore_index.
+UNLABELLED = -100
+
+
+def labelled_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the labelled rows; 0 (still differentiable) when there are none."""
+    labelled = labels != UNLABELLED
+    if not labelled.any():
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits[labelled], labels[labelled])
 
 
 @dataclass
@@ -24,6 +38,8 @@ class Batch:
 class Recipe(nn.Module):
     name: str = "base"
     needs_teacher: bool = False
+    # True when the loss learns from UNLABELLED images (distillation on a transfer set).
+    uses_unlabelled: bool = False
 
     def __init__(self, student: nn.Module):
         super().__init__()

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Batch, Recipe
+from .base import UNLABELLED, Batch, Recipe, labelled_cross_entropy
 
 
 def fit_linear_probe(
@@ -36,6 +36,7 @@ def fit_linear_probe(
 class KDRecipe(Recipe):
     name = "kd"
     needs_teacher = True
+    uses_unlabelled = True
 
     def __init__(self, cfg, student, teacher_dim: int):
         super().__init__(student)
@@ -47,8 +48,9 @@ class KDRecipe(Recipe):
         self.teacher_head = nn.Linear(teacher_dim, student.head.out_features).requires_grad_(False)
 
     def prepare(self, teacher_features, labels):
+        labelled = labels != UNLABELLED  # the probe can only learn from labelled images
         probe = fit_linear_probe(
-            teacher_features, labels, self.teacher_head.out_features, self.probe_epochs, self.probe_lr
+            teacher_features[labelled], labels[labelled], self.teacher_head.out_features, self.probe_epochs, self.probe_lr
         )
         self.teacher_head.load_state_dict(probe.state_dict())
 
@@ -63,7 +65,7 @@ class KDRecipe(Recipe):
             log_target=True,
             reduction="batchmean",
         ) * (t * t)
-        ce = F.cross_entropy(student_logits, batch.labels)
+        ce = labelled_cross_entropy(student_logits, batch.labels)
         total = self.alpha * kl + (1 - self.alpha) * ce
         return total, {"kl": kl.item(), "ce": ce.item()}
 

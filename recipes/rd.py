@@ -15,17 +15,17 @@ distils the teacher's representation geometry into the student:
 
     loss = CE(logits_s, y) + teacher_ce_weight * CE(logits_t, y) + cka_weight * (1 - CKA(f_s, f_t))
 
-Only the student (with the shared head) is deployed.
+Unlabelled images (label UNLABELLED, the data-scarce setting) contribute only to the CKA
+term. Only the student (with the shared head) is deployed.
 """
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import nn
 
 from medkd.kernels import cka_loss
 
-from .base import Batch, Recipe
+from .base import Batch, Recipe, labelled_cross_entropy
 
 
 class ReprogrammingModule(nn.Sequential):
@@ -43,6 +43,7 @@ class ReprogrammingModule(nn.Sequential):
 class RDRecipe(Recipe):
     name = "rd"
     needs_teacher = True
+    uses_unlabelled = True
 
     def __init__(self, cfg, student, teacher_dim: int):
         super().__init__(student)
@@ -53,8 +54,8 @@ class RDRecipe(Recipe):
     def loss(self, batch: Batch):
         student_features = self.student.features(batch.images)
         teacher_features = self.reprogram(batch.teacher_features)
-        ce_student = F.cross_entropy(self.student.head(student_features), batch.labels)
-        ce_teacher = F.cross_entropy(self.student.head(teacher_features), batch.labels)
+        ce_student = labelled_cross_entropy(self.student.head(student_features), batch.labels)
+        ce_teacher = labelled_cross_entropy(self.student.head(teacher_features), batch.labels)
         cka = cka_loss(student_features, teacher_features)
         total = ce_student + self.teacher_ce_weight * ce_teacher + self.cka_weight * cka
         return total, {"ce": ce_student.item(), "ce_teacher": ce_teacher.item(), "cka_loss": cka.item()}

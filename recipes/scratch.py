@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import torch.nn.functional as F
-
-from .base import Batch, Recipe
+from .base import Batch, Recipe, labelled_cross_entropy
 
 
 class ScratchRecipe(Recipe):
@@ -15,5 +13,5 @@ class ScratchRecipe(Recipe):
         super().__init__(student)
 
     def loss(self, batch: Batch):
-        ce = F.cross_entropy(self.student(batch.images), batch.labels)
+        ce = labelled_cross_entropy(self.student(batch.images), batch.labels)
         return ce, {"ce": ce.item()}
