@@ -466,3 +466,20 @@ def test_mri_volumes_on_different_grids_are_user_error(tmp_path):
     nib.save(nib.Nifti1Image(np.ones((10, 10, 12), np.uint8), np.eye(4)), tmp_path / "aal.nii.gz")
     (tmp_path / "aal.nii.txt").write_text("1 Precentral_L 2001\n")
     raises_user_error({"name": "mri", "path": str(tmp_path)}, "same voxel grid")
+
+
+def test_withheld_training_images_become_the_unlabelled_set():
+    if not Path("/usr/share/mricron/templates/ch2.nii.gz").exists():
+        pytest.skip("mricron-data not installed (apt-get install mricron-data)")
+    base = {"name": "mri", "image_size": 16, "max_train": 140, "max_test": 14, "seed": 3}
+    full = load_task(OmegaConf.create({**base, "train_fraction": 1.0}))
+    scarce = load_task(OmegaConf.create({**base, "train_fraction": 0.2}))
+    assert full.unlabelled is None
+    assert len(scarce.train) + len(scarce.unlabelled) == len(full.train)
+    # Labelled and withheld images together are exactly the full training set.
+    together = torch.cat([scarce.train.images, scarce.unlabelled]).flatten(1)
+    assert sorted(map(tuple, together.tolist())) == sorted(map(tuple, full.train.images.flatten(1).tolist()))
+    off = load_task(OmegaConf.create({**base, "train_fraction": 0.2, "unlabelled_transfer": False}))
+    assert off.unlabelled is None
+    with pytest.raises(UserError, match="unlabelled_transfer"):
+        load_task(OmegaConf.create({**base, "unlabelled_transfer": "yes"}))

@@ -100,3 +100,14 @@ def test_bad_data_path_leaves_no_run_dir(small, tmp_path, capsys):
     assert main(small("data=npz", f"data.path={tmp_path / 'missing.npz'}")) == 1
     assert "missing.npz" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_scarce_labels_keep_withheld_images_as_a_transfer_set(small, tmp_path):
+    report = run(load_config(small("recipe=kd", "data.train_fraction=0.25")))
+    labelled = report["data"]["train"]
+    assert report["data"]["unlabelled_transfer_set"] == 96 - labelled > 0
+    scratch = run(load_config(small("recipe=scratch", "data.train_fraction=0.25", f"run_dir={tmp_path / 's'}")))
+    assert scratch["data"]["unlabelled_transfer_set"] == 0  # nothing to learn from without labels
+    off = run(load_config(small("recipe=kd", "data.train_fraction=0.25", "data.unlabelled_transfer=false",
+                                f"run_dir={tmp_path / 'off'}")))
+    assert off["data"]["unlabelled_transfer_set"] == 0

@@ -21,6 +21,7 @@ Common keys (defaults in parentheses):
   train.epochs=INT (12)  train.batch_size=INT (128)  train.lr=FLOAT (0.002)
   data.path=PATH  data.image_size=INT  data.max_train=INT  data.max_test=INT
   data.train_fraction=FLOAT (1.0, e.g. 0.1 for the data-scarce setting)
+  data.unlabelled_transfer=BOOL (true: kd/rd distil on the images whose labels were withheld)
   teacher.checkpoint=FILE  teacher.arch=TIMM_NAME  student.pretrained_checkpoint=FILE
   export.opset=INT (17)  export.latency_runs=INT (100)
 

@@ -19,12 +19,13 @@ from safetensors.torch import save_file
 
 from medkd.export.firmware import write_firmware_blob
 from medkd.export import export_onnx, fold_batchnorm_with_stats, onnx_parity, profile_onnx_cpu
-from medkd.recipes import build_recipe
+from medkd.recipes import UNLABELLED, build_recipe
 
 from .atomic import atomic_save, atomic_write_text
 from .checkpoint import CHECKPOINT_NAME, config_fingerprint
 from .config import default_run_dir
 from .data import load_task
+from .data.base import ImageSet
 from .errors import UserError
 from .features import teacher_features
 from .models.students import build_student, count_parameters
@@ -87,6 +88,14 @@ def training_fingerprint(cfg: DictConfig) -> str:
     return config_fingerprint(sections)
 
 
+def training_set(task, recipe) -> ImageSet:
+    """The labelled images, plus the withheld-label ones when the recipe can learn from them."""
+    if task.unlabelled is None or not recipe.uses_unlabelled:
+        return task.train
+    withheld = torch.full((len(task.unlabelled),), UNLABELLED, dtype=task.train.labels.dtype)
+    return ImageSet(torch.cat([task.train.images, task.unlabelled]), torch.cat([task.train.labels, withheld]))
+
+
 def run(cfg: DictConfig) -> dict:
     log = RunLog()
     started = time.perf_counter()
@@ -105,6 +114,9 @@ def run(cfg: DictConfig) -> dict:
     student = build_student(cfg.student, task.num_classes, task.in_chans, task.image_size)
     teacher = build_teacher(cfg.teacher) if cfg.recipe.needs_teacher else None
     recipe = build_recipe(cfg.recipe, student, teacher.feature_dim if teacher else None)
+    train = training_set(task, recipe)
+    if len(train) > len(task.train):
+        log(f"transfer set: + {len(train) - len(task.train)} training images with withheld labels")
     run_dir = prepare_run_dir(cfg)
     log.attach(run_dir / "log.txt")
     atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
@@ -115,7 +127,7 @@ def run(cfg: DictConfig) -> dict:
     if teacher is not None:
         cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else None
         train_features = teacher_features(
-            teacher, task.train.images, cache_dir, cfg.train.teacher_batch_size,
+            teacher, train.images, cache_dir, cfg.train.teacher_batch_size,
             desc="teacher features (train)", progress=cfg.progress
         )
         test_features = teacher_features(
@@ -137,7 +149,7 @@ def run(cfg: DictConfig) -> dict:
     )
     result = fit(
         recipe,
-        task.train,
+        train,
         task.test,
         settings,
         run_dir,
@@ -185,6 +197,7 @@ def run(cfg: DictConfig) -> dict:
             "versions": _versions(),
         },
         "data": {"name": task.name, "train": len(task.train), "test": len(task.test),
+                 "unlabelled_transfer_set": len(train) - len(task.train),
                  "num_classes": task.num_classes, "class_names": task.class_names,
                  "image_shape": [task.in_chans, task.image_size, task.image_size],
                  "provenance": task.provenance},

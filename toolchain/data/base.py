@@ -39,6 +39,8 @@ class TaskData:
     class_names: list[str]
     # Free-form provenance (source files, split rule) recorded in the run report.
     provenance: dict = field(default_factory=dict)
+    # Training images whose labels were withheld (train_fraction < 1): N x C x H x W, or None.
+    unlabelled: torch.Tensor | None = None
 
     @property
     def num_classes(self) -> int:

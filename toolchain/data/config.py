@@ -13,6 +13,9 @@ Keys (all optional; a missing key takes its default):
     max_test        int|null   null    cap on the test split, stratified by class
     train_fraction  float      1.0     in (0, 1]: keep this fraction of the training labels per
                                        class (at least 1 per class); applied after max_train
+    unlabelled_transfer bool   true    with train_fraction < 1, keep the other training images
+                                       (labels withheld) as an unlabelled transfer set for the
+                                       distillation recipes
     seed            int        0       makes every subsample and split deterministic
 
 Config problems raise `ConfigError` (a `UserError`), one line naming the key and the fix.
@@ -33,6 +36,7 @@ DEFAULTS = {
     "max_train": None,
     "max_test": None,
     "train_fraction": 1.0,
+    "unlabelled_transfer": True,
     "seed": 0,
 }
 
@@ -50,6 +54,7 @@ class DataConfig:
     max_train: int | None
     max_test: int | None
     train_fraction: float
+    unlabelled_transfer: bool
     seed: int
 
 
@@ -97,6 +102,11 @@ def parse_data_config(cfg, valid_names: list[str]) -> DataConfig:
             f"data.train_fraction must be a number in (0, 1], e.g. 0.1, got '{fraction}'"
         )
 
+    if not isinstance(values["unlabelled_transfer"], bool):
+        raise ConfigError(
+            f"data.unlabelled_transfer must be true or false, got '{values['unlabelled_transfer']}'"
+        )
+
     seed = values["seed"]
     if not _is_int(seed) or seed < 0:
         raise ConfigError(f"data.seed must be a non-negative integer, got '{seed}'")
@@ -108,6 +118,7 @@ def parse_data_config(cfg, valid_names: list[str]) -> DataConfig:
         max_train=values["max_train"],
         max_test=values["max_test"],
         train_fraction=float(fraction),
+        unlabelled_transfer=values["unlabelled_transfer"],
         seed=int(seed),
     )
 

@@ -42,8 +42,13 @@ def load_task(cfg) -> TaskData:
         train = _subset(train, stratified_cap(train.labels.numpy(), config.max_train, seed, "max_train"))
     if config.max_test is not None:
         test = _subset(test, stratified_cap(test.labels.numpy(), config.max_test, seed, "max_test"))
+    unlabelled = None
     if config.train_fraction < 1.0:
-        train = _subset(train, stratified_fraction(train.labels.numpy(), config.train_fraction, seed))
+        keep = stratified_fraction(train.labels.numpy(), config.train_fraction, seed)
+        if config.unlabelled_transfer:
+            withheld = np.setdiff1d(np.arange(len(train)), keep)
+            unlabelled = resize_images(train.images[torch.from_numpy(withheld)], config.image_size)
+        train = _subset(train, keep)
     train = ImageSet(resize_images(train.images, config.image_size), train.labels)
     test = ImageSet(resize_images(test.images, config.image_size), test.labels)
     provenance = {
@@ -53,10 +58,11 @@ def load_task(cfg) -> TaskData:
         "max_train": config.max_train,
         "max_test": config.max_test,
         "train_fraction": config.train_fraction,
+        "unlabelled_train": 0 if unlabelled is None else len(unlabelled),
         "train_per_class": _counts(train, task.num_classes),
         "test_per_class": _counts(test, task.num_classes),
     }
-    return TaskData(task.name, train, test, list(task.class_names), provenance)
+    return TaskData(task.name, train, test, list(task.class_names), provenance, unlabelled)
 
 
 def _subset(images: ImageSet, index: np.ndarray) -> ImageSet:
