@@ -16,7 +16,7 @@
  *   48     n    u8[n]    payload, then zero padding to a multiple of 16
  *
  * The header is parsed byte by byte, so `data` needs no particular alignment; if
- * `data` is 16-byte aligned (the generated C array is) so is `payload`.
+ * `data` is 16-byte aligned (both generated forms, .S and .c, are) so is `payload`.
  */
 #ifndef MEDKD_BLOB_H
 #define MEDKD_BLOB_H

@@ -8,8 +8,13 @@ cd "$(dirname "$0")/.."
 need_apt=()
 [ -f /usr/share/mricron/templates/ch2.nii.gz ] || need_apt+=(mricron-data)
 [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || need_apt+=(dataset-fashion-mnist)
+# Firmware runtime: cross-build for Jetson (aarch64) and run its checks under qemu-user.
+[ -x /usr/bin/aarch64-linux-gnu-gcc ] || need_apt+=(gcc-aarch64-linux-gnu)
+# Only a Recommends of the compiler: name it for apt setups that skip those.
+[ -f /usr/aarch64-linux-gnu/include/stdio.h ] || need_apt+=(libc6-dev-arm64-cross)
+[ -x /usr/bin/qemu-aarch64 ] || need_apt+=(qemu-user)
 if [ ${#need_apt[@]} -gt 0 ]; then
-    echo "setup: installing Debian data packages: ${need_apt[*]}"
+    echo "setup: installing Debian packages: ${need_apt[*]}"
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}"

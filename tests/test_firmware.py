@@ -30,8 +30,9 @@ def test_round_trip_header_and_files(tmp_path):
     out = write_firmware_blob(src, tmp_path / "fw", kind="onnx")
 
     fw = tmp_path / "fw"
-    assert sorted(p.name for p in fw.iterdir()) == ["medkd_model.bin", "medkd_model.c", "medkd_model.h"]
-    assert out["bin"] == str(fw / "medkd_model.bin")
+    assert sorted(p.name for p in fw.iterdir()) == ["medkd_model.S", "medkd_model.bin", "medkd_model.h"]
+    assert out["bin"] == str(fw / "medkd_model.bin") and out["asm"] == str(fw / "medkd_model.S")
+    assert out["source"] is None and out["manifest"] is None
     assert out["kind"] == "onnx" and out["kind_code"] == 1 and out["format_version"] == 1
     assert out["payload_size"] == len(payload)
     assert out["crc32"] == zlib.crc32(payload)
@@ -114,7 +115,7 @@ def test_missing_empty_payload_and_bad_kind(tmp_path):
 
 
 def test_c_array_decodes_to_container(tmp_path):
-    out = write_firmware_blob(_payload(tmp_path), tmp_path / "fw", kind="onnx")
+    out = write_firmware_blob(_payload(tmp_path), tmp_path / "fw", kind="onnx", c_source=True)
     src = Path(out["source"]).read_text()
     raw = Path(out["bin"]).read_bytes()
     assert "__attribute__((aligned(16)))" in src and "_Alignas(16)" in src
@@ -127,6 +128,63 @@ def test_c_array_decodes_to_container(tmp_path):
     assert decoded == raw
 
 
+@pytest.mark.parametrize("symbol", ["medkd_model", "seg_v2"])
+def test_asm_source_incbins_the_bin(tmp_path, symbol):
+    out = write_firmware_blob(_payload(tmp_path), tmp_path / "fw", kind="onnx", symbol=symbol)
+    asm = Path(out["asm"]).read_text()
+    assert Path(out["asm"]).name == f"{symbol}.S"
+    elf = asm[asm.index("#if defined(__ELF__)") : asm.index("#elif defined(__APPLE__)")]
+    for line in (
+        f'.section .rodata.{symbol},"a",%progbits',
+        ".balign 16",
+        f".globl {symbol}\n",
+        f".type {symbol}, %object",
+        f"{symbol}:\n        .incbin \"{symbol}.bin\"\n.L{symbol}_end:",
+        f".size {symbol}, .L{symbol}_end - {symbol}",
+        f".globl {symbol}_size",
+        f".type {symbol}_size, %object",
+        f"#if __SIZEOF_LONG__ == 8\n        .quad .L{symbol}_end - {symbol}\n#else\n"
+        f"        .long .L{symbol}_end - {symbol}\n#endif",
+        f".size {symbol}_size, __SIZEOF_LONG__",
+        '.section .note.GNU-stack,"",%progbits',
+    ):
+        assert line in elf, line
+    assert elf.index(".balign 16") < elf.index(".incbin")
+    assert f"_{symbol}:" in asm and "__TEXT,__const" in asm  # Mach-O branch
+    assert "#error" in asm  # other object formats: use the C array form
+
+
+def test_optional_outputs_and_stale_ones_removed(tmp_path):
+    fw = tmp_path / "fw"
+    write_firmware_blob(_payload(tmp_path), fw, kind="onnx", c_source=True)
+    assert sorted(p.name for p in fw.iterdir()) == [f"medkd_model{e}" for e in (".S", ".bin", ".c", ".h")]
+    out = write_firmware_blob(_payload(tmp_path), fw, kind="onnx", asm_source=False)
+    assert out["asm"] is None and out["source"] is None
+    assert sorted(p.name for p in fw.iterdir()) == ["medkd_model.bin", "medkd_model.h"]
+
+
+def test_manifest_travels_beside_blob(tmp_path):
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text('{"model": "model.onnx", "classes": ["a", "b"]}\n')
+    fw = tmp_path / "fw"
+    out = write_firmware_blob(_payload(tmp_path), fw, kind="onnx", manifest=manifest)
+    assert out["manifest"] == str(fw / "medkd_model.manifest.json")
+    assert Path(out["manifest"]).read_bytes() == manifest.read_bytes()
+    # a later call without a manifest must not leave the old one beside a new blob
+    assert write_firmware_blob(_payload(tmp_path), fw, kind="onnx")["manifest"] is None
+    assert not (fw / "medkd_model.manifest.json").exists()
+
+
+def test_bad_manifest(tmp_path):
+    with pytest.raises(UserError, match="manifest not found"):
+        write_firmware_blob(_payload(tmp_path), tmp_path / "fw", kind="onnx", manifest=tmp_path / "nope.json")
+    bad = tmp_path / "manifest.json"
+    bad.write_text("{not json")
+    with pytest.raises(UserError, match="not valid JSON"):
+        write_firmware_blob(_payload(tmp_path), tmp_path / "fw", kind="onnx", manifest=bad)
+    assert not (tmp_path / "fw").exists()  # checked before anything is written
+
+
 # ----------------------------------------------------------------------------- C runtime
 
 
@@ -134,8 +192,54 @@ def _c_compiler() -> str | None:
     return next((cc for cc in ("cc", "gcc", "clang") if shutil.which(cc)), None)
 
 
+needs_cmake = pytest.mark.skipif(
+    shutil.which("cmake") is None or _c_compiler() is None, reason="needs cmake and a C compiler"
+)
+needs_aarch64 = pytest.mark.skipif(
+    shutil.which("cmake") is None or shutil.which("aarch64-linux-gnu-gcc") is None
+    or shutil.which("qemu-aarch64") is None,
+    reason="needs cmake, aarch64-linux-gnu-gcc and qemu-aarch64 (scripts/setup.sh installs them)",
+)
+AARCH64_TOOLCHAIN = REPO / "cmake" / "aarch64-linux-gnu.cmake"
+
+
+def _run(*cmd, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=120, **kw)
+
+
+def _configure(build: Path, blob_dir: Path, *options: str) -> subprocess.CompletedProcess:
+    return _run("cmake", "-S", REPO, "-B", build, f"-DMEDKD_EMBEDDED_BLOB_DIR={blob_dir}", *options)
+
+
+def _build(build: Path, *targets: str) -> None:
+    """Build (all targets unless named) and require a warning-free log."""
+    target_args = ["--target", *targets] if targets else []
+    bld = _run("cmake", "--build", build, "-j2", *target_args)
+    log = bld.stdout + bld.stderr
+    assert bld.returncode == 0, log
+    assert "warning" not in log.lower(), log
+
+
+def _cmake_build(build: Path, blob_dir: Path, *options: str) -> None:
+    cfg = _configure(build, blob_dir, *options)
+    assert cfg.returncode == 0, cfg.stdout + cfg.stderr
+    _build(build)
+
+
+def _ctest(build: Path) -> subprocess.CompletedProcess:
+    return _run("ctest", "--output-on-failure", "-V", cwd=build)
+
+
+def _unwrapped(cmake_message: str) -> str:
+    return " ".join(cmake_message.split())  # CMake wraps long messages
+
+
+def _expected_check_line(out: dict) -> str:
+    return f"ok kind={out['kind']} payload={out['payload_size']} crc=0x{out['crc32']:08x} aligned16=1"
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # legacy TorchScript ONNX exporter
-@pytest.mark.skipif(shutil.which("cmake") is None or _c_compiler() is None, reason="needs cmake and a C compiler")
+@needs_cmake
 def test_c_runtime_validates_embedded_and_file_blobs(tmp_path):
     import torch
     from torch import nn
@@ -146,19 +250,13 @@ def test_c_runtime_validates_embedded_and_file_blobs(tmp_path):
     assert 100 < out["payload_size"] < 64_000
 
     build = tmp_path / "build"
-    run = lambda *cmd, **kw: subprocess.run(cmd, capture_output=True, text=True, timeout=120, **kw)  # noqa: E731
-    cfg = run("cmake", "-S", str(REPO), "-B", str(build), f"-DMEDKD_EMBEDDED_BLOB_DIR={tmp_path / 'fw'}")
-    assert cfg.returncode == 0, cfg.stdout + cfg.stderr
-    bld = run("cmake", "--build", str(build), "--target", "medkd_embedded_check", "medkd_blob_inspect")
-    assert bld.returncode == 0, bld.stdout + bld.stderr
-    assert "warning" not in (bld.stdout + bld.stderr).lower(), bld.stdout + bld.stderr
+    _cmake_build(build, tmp_path / "fw")  # default form: medkd_model.S
 
-    check = run(str(build / "medkd_embedded_check"))
+    check = _run(build / "medkd_embedded_check")
     assert check.returncode == 0, check.stderr
-    assert check.stdout.startswith(f"ok kind=onnx payload={out['payload_size']} crc=0x{out['crc32']:08x}")
-    assert "aligned16=1" in check.stdout
+    assert check.stdout.startswith(_expected_check_line(out))
 
-    good = run(str(build / "medkd_blob_inspect"), out["bin"])
+    good = _run(build / "medkd_blob_inspect", out["bin"])
     assert good.returncode == 0, good.stderr
     assert f"kind=onnx version=1 payload={out['payload_size']} crc=0x{out['crc32']:08x}" in good.stdout
 
@@ -166,14 +264,96 @@ def test_c_runtime_validates_embedded_and_file_blobs(tmp_path):
     raw[HEADER_SIZE + 10] ^= 0xFF
     corrupt = tmp_path / "corrupt.bin"
     corrupt.write_bytes(bytes(raw))
-    bad = run(str(build / "medkd_blob_inspect"), str(corrupt))
+    bad = _run(build / "medkd_blob_inspect", corrupt)
     assert bad.returncode != 0
     assert "crc" in bad.stderr.lower()
 
     truncated = tmp_path / "truncated.bin"
     truncated.write_bytes(bytes(raw[:40]))
-    cut = run(str(build / "medkd_blob_inspect"), str(truncated))
+    cut = _run(build / "medkd_blob_inspect", truncated)
     assert cut.returncode != 0 and "truncated" in cut.stderr
 
-    ctest = run("ctest", "--output-on-failure", cwd=build)
+    ctest = _run("ctest", "--output-on-failure", cwd=build)
     assert ctest.returncode == 0, ctest.stdout + ctest.stderr
+
+
+def _elf_symbols(binary: Path) -> dict[str, str]:
+    """{name: nm type letter}; R/r = read-only data."""
+    nm = _run("nm", binary)
+    assert nm.returncode == 0, nm.stderr
+    return {f[2]: f[1] for f in (line.split() for line in nm.stdout.splitlines()) if len(f) == 3}
+
+
+@needs_cmake
+@pytest.mark.skipif(shutil.which("nm") is None or shutil.which("readelf") is None, reason="needs binutils (nm, readelf)")
+def test_host_build_links_asm_form_into_rodata(tmp_path):
+    out = write_firmware_blob(_payload(tmp_path), tmp_path / "fw", kind="tensorrt-engine")
+    build = tmp_path / "build"
+    _cmake_build(build, tmp_path / "fw")
+    ctest = _ctest(build)
+    assert ctest.returncode == 0, ctest.stdout + ctest.stderr
+    assert _expected_check_line(out) in ctest.stdout
+
+    check = build / "medkd_embedded_check"
+    symbols = _elf_symbols(check)
+    assert symbols["medkd_model"] == "R" and symbols["medkd_model_size"] == "R"
+    stack = [line for line in _run("readelf", "-lW", check).stdout.splitlines() if "GNU_STACK" in line]
+    assert stack and "RWE" not in stack[0], stack  # the .note.GNU-stack line keeps it non-executable
+
+
+@needs_cmake
+def test_corrupted_bin_fails_embedded_check(tmp_path):
+    out = write_firmware_blob(_payload(tmp_path), tmp_path / "fw", kind="onnx")
+    bin_path = Path(out["bin"])
+    good = bin_path.read_bytes()
+    raw = bytearray(good)
+    raw[HEADER_SIZE + 10] ^= 0xFF
+    bin_path.write_bytes(bytes(raw))
+
+    build = tmp_path / "build"
+    _cmake_build(build, tmp_path / "fw")
+    check = _run(build / "medkd_embedded_check")
+    assert check.returncode == 1 and "crc" in check.stderr.lower(), check.stdout + check.stderr
+    assert _ctest(build).returncode != 0
+
+    # Truncated: the size comes from what .incbin embedded, so it is caught, not over-read;
+    # the .bin is a build dependency of the .S, so no reconfigure is needed.
+    bin_path.write_bytes(good[:1000])
+    _build(build)
+    check = _run(build / "medkd_embedded_check")
+    assert check.returncode == 1 and "truncated" in check.stderr, check.stdout + check.stderr
+
+    bin_path.write_bytes(good)
+    _build(build)
+    ctest = _ctest(build)
+    assert ctest.returncode == 0 and _expected_check_line(out) in ctest.stdout, ctest.stdout + ctest.stderr
+
+
+@needs_cmake
+def test_c_array_form_builds(tmp_path):
+    fw = tmp_path / "fw"
+    out = write_firmware_blob(_payload(tmp_path), fw, kind="onnx", c_source=True, asm_source=False)
+    build = tmp_path / "build"
+    cfg = _configure(build, fw)  # default form is asm, and no .S was written
+    assert cfg.returncode != 0 and "medkd_model.S not found" in _unwrapped(cfg.stderr), cfg.stderr
+    cfg = _configure(build, fw, "-DMEDKD_EMBEDDED_FORM=cpp")
+    assert cfg.returncode != 0 and "MEDKD_EMBEDDED_FORM must be asm or c" in _unwrapped(cfg.stderr), cfg.stderr
+
+    _cmake_build(build, fw, "-DMEDKD_EMBEDDED_FORM=c")
+    ctest = _ctest(build)
+    assert ctest.returncode == 0, ctest.stdout + ctest.stderr
+    assert _expected_check_line(out) in ctest.stdout
+
+
+@needs_aarch64
+def test_aarch64_cross_build_runs_under_qemu(tmp_path):
+    out = write_firmware_blob(_payload(tmp_path), tmp_path / "fw", kind="tensorrt-engine")
+    build = tmp_path / "build-aarch64"
+    _cmake_build(build, tmp_path / "fw", f"-DCMAKE_TOOLCHAIN_FILE={AARCH64_TOOLCHAIN}")
+    elf = (build / "medkd_embedded_check").read_bytes()[:20]
+    assert elf[:4] == b"\x7fELF" and struct.unpack_from("<H", elf, 18)[0] == 183  # e_machine EM_AARCH64
+
+    ctest = _ctest(build)
+    assert ctest.returncode == 0, ctest.stdout + ctest.stderr
+    assert "qemu-aarch64" in ctest.stdout  # ran through CMAKE_CROSSCOMPILING_EMULATOR
+    assert _expected_check_line(out) in ctest.stdout
