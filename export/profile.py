@@ -1,4 +1,4 @@
-"""Latency of an ONNX model with onnxruntime on the host CPU (batch 1).
+"""Latency of an ONNX model with onnxruntime on the host CPU.
 
 The session uses CPUExecutionProvider, sequential execution, full graph optimisation
 (ORT_ENABLE_ALL) and an explicit intra-op thread count. ``threads=None`` means "all CPUs
@@ -6,6 +6,11 @@ this process may run on" (``os.sched_getaffinity``), resolved to a number so the
 states exactly what was measured. Each timed run is one ``session.run`` on the same
 fixed random input, timed with ``time.perf_counter``; percentiles use linear
 interpolation (numpy), so ``p50 <= p90 <= p99``.
+
+:func:`profile_onnx_cpu` measures batch 1 at one thread count (the pipeline's headline
+number); :func:`profile_onnx_matrix` measures every (batch size, thread count) pair,
+opening one session per thread count and reusing it across batch sizes (the exported
+models have a dynamic batch dimension; a fixed one is reported as a :class:`UserError`).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from tqdm.auto import tqdm
 
 from medkd.toolchain.errors import UserError
 
-__all__ = ["profile_onnx_cpu", "available_cpus"]
+__all__ = ["profile_onnx_cpu", "profile_onnx_matrix", "available_cpus"]
 
 PROVIDER = "CPUExecutionProvider"
 
@@ -31,6 +36,85 @@ def available_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+def _resolve_threads(threads: int | None) -> int:
+    """A concrete intra-op thread count (None = all available CPUs)."""
+    resolved = available_cpus() if threads is None else int(threads)
+    if resolved < 1:
+        raise UserError(f"latency threads must be >= 1, got {threads}")
+    return resolved
+
+
+def _check_counts(runs: int, warmup: int) -> None:
+    if runs < 1 or warmup < 0:
+        raise UserError(f"latency needs runs >= 1 and warmup >= 0 (got runs={runs}, warmup={warmup})")
+
+
+def _open_session(onnx_path: Path, threads: int):
+    """A CPU session with the documented options and `threads` intra-op threads."""
+    import onnxruntime as ort
+
+    if not onnx_path.is_file():
+        raise UserError(f"ONNX file not found: {onnx_path}")
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(onnx_path), sess_options=opts, providers=[PROVIDER])
+
+
+def _session_options(sess) -> dict:
+    opts = sess.get_session_options()
+    return {
+        "intra_op_num_threads": opts.intra_op_num_threads,
+        "inter_op_num_threads": opts.inter_op_num_threads,
+        "execution_mode": str(opts.execution_mode).split(".")[-1],
+        "graph_optimization_level": str(opts.graph_optimization_level).split(".")[-1],
+    }
+
+
+def _check_model_input(sess, shape_chw: tuple[int, ...], batch_sizes: Sequence[int]) -> None:
+    """Fail clearly, before any timing, if the model cannot take (B, C, H, W) for every B."""
+    inp = sess.get_inputs()[0]
+    for want, got in zip(inp.shape[1:], shape_chw):
+        if isinstance(want, int) and want != got:
+            raise UserError(f"latency input_shape {(1, *shape_chw)} does not match the model input {inp.shape}")
+    fixed = inp.shape[0] if inp.shape else None
+    if isinstance(fixed, int) and any(b != fixed for b in batch_sizes):
+        raise UserError(
+            f"the model input {inp.name!r} has a fixed batch dimension of {fixed} ({inp.shape}), so it cannot be "
+            f"profiled at batch sizes {list(batch_sizes)}; export it with a dynamic batch (medkd.export.export_onnx)"
+        )
+
+
+def _time_runs(sess, shape: tuple[int, ...], warmup: int, runs: int, desc: str, progress: bool | None):
+    """Per-run wall times (ms) of `runs` inferences on one fixed input of `shape`, after
+    `warmup` untimed ones; also the shape of the first output (proof of the batch fed)."""
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    feed = {sess.get_inputs()[0].name: x}
+    for _ in range(warmup):
+        sess.run(None, feed)
+    times_ms = np.empty(runs, dtype=np.float64)
+    out = None
+    for i in tqdm(range(runs), desc=desc, unit="run", disable=None if progress is None else not progress, leave=False):
+        t0 = time.perf_counter()
+        out = sess.run(None, feed)
+        times_ms[i] = (time.perf_counter() - t0) * 1e3
+    return times_ms, list(out[0].shape)
+
+
+def _latency_stats(times_ms: np.ndarray) -> dict:
+    p50, p90, p99 = np.percentile(times_ms, [50, 90, 99])
+    return {
+        "p50_ms": float(p50),
+        "p90_ms": float(p90),
+        "p99_ms": float(p99),
+        "mean_ms": float(times_ms.mean()),
+        "min_ms": float(times_ms.min()),
+        "max_ms": float(times_ms.max()),
+    }
 
 
 def profile_onnx_cpu(
@@ -52,49 +136,19 @@ def profile_onnx_cpu(
     import onnxruntime as ort
 
     onnx_path = Path(onnx_path)
-    if not onnx_path.is_file():
-        raise UserError(f"ONNX file not found: {onnx_path}")
     shape = tuple(int(d) for d in input_shape)
     if len(shape) == 3:
         shape = (1, *shape)
     if len(shape) != 4 or shape[0] != 1 or min(shape) < 1:
         raise UserError(f"latency input_shape must be (C, H, W) or (1, C, H, W), got {tuple(input_shape)}")
-    if runs < 1 or warmup < 0:
-        raise UserError(f"latency needs runs >= 1 and warmup >= 0 (got runs={runs}, warmup={warmup})")
-    if threads is None:
-        threads = available_cpus()
-    if threads < 1:
-        raise UserError(f"latency threads must be >= 1, got {threads}")
+    _check_counts(runs, warmup)
+    threads = _resolve_threads(threads)
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    sess = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=[PROVIDER])
-    inp = sess.get_inputs()[0]
-    for want, got in zip(inp.shape[1:], shape[1:]):
-        if isinstance(want, int) and want != got:
-            raise UserError(f"latency input_shape {shape} does not match the model input {inp.shape}")
-    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-    feed = {inp.name: x}
-
-    for _ in range(warmup):
-        sess.run(None, feed)
-    times_ms = np.empty(runs, dtype=np.float64)
-    for i in tqdm(range(runs), desc=f"latency {onnx_path.name}", unit="run", disable=None if progress is None else not progress, leave=False):
-        t0 = time.perf_counter()
-        sess.run(None, feed)
-        times_ms[i] = (time.perf_counter() - t0) * 1e3
-
-    p50, p90, p99 = np.percentile(times_ms, [50, 90, 99])
+    sess = _open_session(onnx_path, threads)
+    _check_model_input(sess, shape[1:], (1,))
+    times_ms, _ = _time_runs(sess, shape, warmup, runs, f"latency {onnx_path.name}", progress)
     return {
-        "p50_ms": float(p50),
-        "p90_ms": float(p90),
-        "p99_ms": float(p99),
-        "mean_ms": float(times_ms.mean()),
-        "min_ms": float(times_ms.min()),
-        "max_ms": float(times_ms.max()),
+        **_latency_stats(times_ms),
         "runs": runs,
         "warmup": warmup,
         "threads": threads,
@@ -102,10 +156,70 @@ def profile_onnx_cpu(
         "batch_size": 1,
         "input_shape": list(shape),
         "onnxruntime_version": ort.__version__,
-        "session_options": {
-            "intra_op_num_threads": opts.intra_op_num_threads,
-            "inter_op_num_threads": opts.inter_op_num_threads,
-            "execution_mode": str(opts.execution_mode).split(".")[-1],
-            "graph_optimization_level": str(opts.graph_optimization_level).split(".")[-1],
-        },
+        "session_options": _session_options(sess),
     }
+
+
+def _positive_ints(values: Sequence[int], what: str) -> list[int]:
+    """`values` as distinct ints >= 1, in the given order."""
+    out = [int(v) for v in values]
+    if not out or min(out) < 1:
+        raise UserError(f"latency {what} must be a non-empty list of integers >= 1, got {list(values)}")
+    return list(dict.fromkeys(out))
+
+
+def profile_onnx_matrix(
+    onnx_path: str | os.PathLike,
+    input_shape_chw: Sequence[int],
+    batch_sizes: Sequence[int] = (1, 8, 32),
+    threads: Sequence[int | None] = (1, None),
+    warmup: int = 10,
+    runs: int = 100,
+    *,
+    progress: bool | None = None,
+    keep_times: bool = False,
+) -> list[dict]:
+    """CPU latency for every (batch size, thread count): one row per pair, threads-major.
+
+    `input_shape_chw` is ``(C, H, W)``; each batch size B feeds ``(B, C, H, W)``. A
+    `threads` entry of None means all available CPUs, resolved to a number; thread counts
+    that resolve to the same number are measured once. Each row holds ``batch_size,
+    threads, p50_ms, p90_ms, p99_ms, mean_ms, min_ms, max_ms`` (per batch),
+    ``throughput_ips`` (images/s = batch / mean seconds), ``runs, warmup, input_shape,
+    output_shape, provider``. With ``keep_times=True`` each row also has ``times_ms``,
+    the raw per-run times as a numpy array (for plots; drop it before writing JSON).
+    """
+    onnx_path = Path(onnx_path)
+    shape_chw = tuple(int(d) for d in input_shape_chw)
+    if len(shape_chw) != 3 or min(shape_chw) < 1:
+        raise UserError(f"latency input_shape_chw must be (C, H, W) with positive sizes, got {tuple(input_shape_chw)}")
+    batches = _positive_ints(batch_sizes, "batch_sizes")
+    if not threads:
+        raise UserError("latency threads must be a non-empty list (None = all available CPUs)")
+    thread_counts = list(dict.fromkeys(_resolve_threads(t) for t in threads))
+    _check_counts(runs, warmup)
+
+    rows = []
+    for n_threads in thread_counts:
+        sess = _open_session(onnx_path, n_threads)  # session creation is slow: reuse across batches
+        _check_model_input(sess, shape_chw, batches)
+        for batch in batches:
+            shape = (batch, *shape_chw)
+            desc = f"latency {onnx_path.name} b{batch} t{n_threads}"
+            times_ms, out_shape = _time_runs(sess, shape, warmup, runs, desc, progress)
+            stats = _latency_stats(times_ms)
+            row = {
+                "batch_size": batch,
+                "threads": n_threads,
+                **stats,
+                "throughput_ips": batch / (stats["mean_ms"] / 1e3),
+                "runs": runs,
+                "warmup": warmup,
+                "input_shape": list(shape),
+                "output_shape": out_shape,
+                "provider": sess.get_providers()[0],
+            }
+            if keep_times:
+                row["times_ms"] = times_ms
+            rows.append(row)
+    return rows
