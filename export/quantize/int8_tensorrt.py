@@ -1,0 +1,108 @@
+"""int8 for TensorRT: explicit Q/DQ (TensorRT 11 has no implicit INT8 calibrator).
+
+NVIDIA ModelOpt places Q/DQ where TensorRT fuses them (only the skip input of a residual
+Add is quantized, so Conv+Add+ReLU fuse), stores weights as int8 with DequantizeLinear
+only (`dq_only`), and makes every unquantized layer fp16 in the ONNX itself: a strongly
+typed TensorRT network takes precisions from the graph, not from builder flags.
+
+ModelOpt calibrates with MinMax ("max") or entropy only; `percentile` (and hosts without
+ModelOpt) use ONNX Runtime's QDQ quantizer with symmetric int8 activations instead —
+the same numeric layout, with Q/DQ on every quantized tensor and fp32 elsewhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import numpy as np
+from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+from medkd.toolchain.atomic import atomic_path
+
+from ._common import input_name, library_version, quiet_libraries
+from .calibration import CALIBRATION_METHODS, ArrayReader
+from .inspection import QuantizeResult, describe
+from .int8_cpu import exclusion_reasons
+
+
+def modelopt_unavailable() -> str | None:
+    """None when ModelOpt's ONNX quantizer imports, else why not."""
+    try:
+        import modelopt.onnx.quantization  # noqa: F401
+    except ImportError as exc:
+        return f"nvidia-modelopt is not usable here ({exc.__class__.__name__}: {str(exc).splitlines()[0]})"
+    return None
+
+
+@contextlib.contextmanager
+def _ort_calibration_restored():
+    """Undo ModelOpt's monkey-patching of ONNX Runtime's calibrators after it runs.
+
+    ModelOpt replaces methods of ORT's calibrator and quantizer classes process-wide; left
+    in place, a later plain ORT quantization in the same process (the cpu layout, the
+    percentile fallback) fails or calibrates differently.
+    """
+    from onnxruntime.quantization import base_quantizer, calibrate, qdq_quantizer
+
+    owners = [calibrate, calibrate.CalibraterBase, calibrate.MinMaxCalibrater, calibrate.HistogramCalibrater,
+              calibrate.HistogramCollector, qdq_quantizer.QDQQuantizer, base_quantizer.BaseQuantizer]
+    saved = [(owner, dict(vars(owner))) for owner in owners]
+    try:
+        yield
+    finally:
+        for owner, attributes in saved:
+            for name in set(vars(owner)) - set(attributes):
+                delattr(owner, name)
+            for name, value in attributes.items():
+                if vars(owner).get(name) is not value and not name.startswith("__"):
+                    setattr(owner, name, value)
+
+
+def _quantize_modelopt(fp32_onnx: Path, tmp: Path, calibration: np.ndarray, nodes_to_exclude: list[str]) -> None:
+    from modelopt.onnx.quantization import quantize as modelopt_quantize
+
+    with _ort_calibration_restored():
+        _run_modelopt(modelopt_quantize, fp32_onnx, tmp, calibration, nodes_to_exclude)
+
+
+def _run_modelopt(modelopt_quantize, fp32_onnx: Path, tmp: Path, calibration: np.ndarray, nodes_to_exclude: list[str]) -> None:
+    modelopt_quantize(
+        str(fp32_onnx),
+        quantize_mode="int8",
+        calibration_data={input_name(fp32_onnx): calibration},
+        calibration_method="max",
+        calibration_eps=["cpu"],
+        nodes_to_exclude=nodes_to_exclude or None,
+        dq_only=True,
+        high_precision_dtype="fp16",
+        output_path=str(tmp),
+        log_level="ERROR",
+    )
+
+
+def _quantize_ort(fp32_onnx: Path, tmp: Path, calibration: np.ndarray, method: str, nodes_to_exclude: list[str]) -> None:
+    ort_method, extra = CALIBRATION_METHODS[method]
+    quantize_static(
+        str(fp32_onnx), str(tmp), ArrayReader(input_name(fp32_onnx), calibration),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QInt8,
+        weight_type=QuantType.QInt8,
+        nodes_to_exclude=nodes_to_exclude,
+        calibrate_method=ort_method,
+        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, **extra},
+    )
+
+
+def quantize_int8_tensorrt(fp32_onnx: Path, out_path: Path, calibration: np.ndarray, method: str,
+                           exclude: tuple[str, ...]) -> QuantizeResult:
+    reasons = exclusion_reasons(fp32_onnx, exclude)
+    use_modelopt = method == "minmax" and modelopt_unavailable() is None
+    with atomic_path(out_path) as tmp, quiet_libraries():
+        if use_modelopt:
+            _quantize_modelopt(fp32_onnx, tmp, calibration, sorted(reasons))
+        else:
+            _quantize_ort(fp32_onnx, tmp, calibration, method, sorted(reasons))
+    library = library_version("nvidia-modelopt" if use_modelopt else "onnxruntime")
+    return describe(out_path, "int8-tensorrt", library, method, reasons)
