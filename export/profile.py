@@ -62,6 +62,7 @@ def _open_session(onnx_path: Path, threads: int):
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3  # Q/DQ graphs log one warning per constant ORT cannot fold
     return ort.InferenceSession(str(onnx_path), sess_options=opts, providers=[PROVIDER])
 
 

@@ -59,3 +59,7 @@ class Recipe(nn.Module):
     def deployable(self) -> nn.Module:
         """The model that is exported: the student alone."""
         return self.student
+
+    def deployables(self) -> dict[str, nn.Module]:
+        """Every model to export, by file stem (a multi-task recipe exports one per task)."""
+        return {"model": self.deployable()}

@@ -300,12 +300,29 @@ def _full_report() -> dict:
             {"epoch": 1, "train_loss": 1.3861, "val_acc": 0.52},
             {"epoch": 2, "train_loss": 0.7312, "val_acc": 0.81},
         ]},
-        "export": {"onnx_path": "runs/x/model.onnx", "onnx_size_bytes": 44_700_000, "opset": 17,
-                   "bn_folded": 20, "bn_unfolded": 0,
-                   "parity": {"max_abs_diff": 3.2e-06, "mean_abs_diff": 1e-7, "top1_agreement": 1.0}},
-        "latency": {"p50_ms": 1.234, "p90_ms": 2.5, "p99_ms": 3.75, "threads": 2,
-                    "provider": "CPUExecutionProvider", "runs": 100, "warmup": 10},
-        "target": {"name": "jetson-orin", "runtime": "tensorrt", "precision": "fp16"},
+        "export": {"latency_note": "ONNX Runtime on this host's CPU: a host proxy", "models": {"model": {
+            "requested_precision": "best", "deployed_precision": "int8", "deployed_file": "model.int8.onnx",
+            "validation_images": 300,
+            "onnx": {"fp32": {"path": "model.onnx", "size_bytes": 44_700_000},
+                     "int8": {"path": "model.int8.onnx", "size_bytes": 11_300_000}},
+            "test_metric": {"fp32": 0.8765, "int8": 0.8712},
+            "formats": {
+                "onnx": {"fold": {"batchnorm": {"bn_folded": 20, "bn_unfolded": 0}},
+                         "parity": {"max_abs_diff": 3.2e-06, "top1_agreement": 1.0}},
+                "onnx-int8": {"preset": "int8-tensorrt", "library": "nvidia-modelopt 0.47.0",
+                              "calibration_method": "minmax", "quantized_nodes": 20,
+                              "unquantized": {"/fc/Gemm": "final classifier: logits kept in fp32"},
+                              "guard": {"held": True, "kept_high_precision": [],
+                                        "comparison": {"top1_agreement": 0.99, "metric_drop_points": 0.33}}},
+                "bundle": {"path": "bundle/"},
+                "firmware": {"bin": "firmware/medkd_model.bin", "kind": "onnx", "container_size": 11_300_048,
+                             "crc32": 0xDEADBEEF}},
+            "latency": {p: [{"batch_size": 1, "threads": 2, "p50_ms": ms, "p90_ms": 2.5, "p99_ms": 3.75,
+                             "throughput_ips": 810.0}] for p, ms in (("fp32", 1.234), ("int8", 0.5))},
+            "stage_seconds": {"onnx": 1.5, "onnx-int8": 7.25},
+        }}},
+        "target": {"name": "jetson-orin", "runtime": "tensorrt", "precision": "best",
+                   "remaining": ["model: copy bundle/ to the jetson-orin and run build_engine.sh there"]},
     }
 
 
@@ -326,9 +343,14 @@ def test_report_writes_both_files(tmp_path):
 
     md = md_path.read_text()
     assert md.startswith("# ") and "rd" in md.splitlines()[0] and "jetson-orin" in md.splitlines()[0]
-    for needle in ["87.65 %", "91.33 %", "11,171,271", "44.70 MB", "3.2e-06",
-                   "1.234 / 2.500 / 3.750 ms", "| ONNX Runtime CPU threads | 2 |",
-                   "TensorRT engine build for jetson-orin: not yet implemented; this run produced ONNX only",
+    for needle in ["87.65 %", "91.33 %", "11,171,271", "| Test accuracy, deployed model (int8) | 87.12 % |",
+                   "| int8 (deployed) | model.int8.onnx | 11.30 MB | 87.12 % | 99.00 % | 0.33 | 0.500 | n/a |",
+                   "| fp32 | model.onnx | 44.70 MB | 87.65 % | 100.00 % | reference | 1.234 | n/a |",
+                   "BatchNorm folded 20 / kept 0", "| /fc/Gemm | final classifier: logits kept in fp32 |",
+                   "nvidia-modelopt 0.47.0", "Accuracy guard: holds", "| onnx-int8 | 7.2 |",
+                   "firmware/medkd_model.bin (onnx payload, 11,300,048 bytes, crc32 0xdeadbeef)",
+                   "On-device bundle: bundle/", "a host proxy", "| int8 | 1 | 2 | 0.500 | 2.500 | 3.750 | 810.0 |",
+                   "- model: copy bundle/ to the jetson-orin and run build_engine.sh there",
                    "| 2 | 0.7312 | 81.00 % |", "/data/brain-mri", "stratified 70/15/15 (seed 7)",
                    "split=7", f"onnxruntime {ort.__version__}"]:
         assert needle in md, needle
@@ -337,8 +359,8 @@ def test_report_writes_both_files(tmp_path):
 def test_report_missing_sections_render_na(tmp_path):
     md_path, json_path = write_report(tmp_path, {"run": {"recipe": "kd"}, "latency": None})
     md = md_path.read_text()
-    assert "| Test accuracy (student) | n/a |" in md
-    assert "| ONNX Runtime CPU latency p50 / p90 / p99 | n/a |" in md
+    assert "| Test accuracy (student, PyTorch fp32) | n/a |" in md
+    assert "## Deployment" in md and "Test accuracy, deployed" not in md
     assert "teacher branch" not in md  # row only when the teacher section has an accuracy
     assert "## Training history\n\nn/a" in md
     assert json.loads(json_path.read_text())["latency"] is None
@@ -375,6 +397,6 @@ def test_report_accepts_pipeline_spelling(tmp_path):
     md = write_report(tmp_path, report)[0].read_text()
     for needle in ["kd → datacenter-gpu (npz)", "Student: mobilenetv3", "62.50 %", "75.00 %",
                    "1,234,567", "/d/x.npz", "the file's own arrays", "train=80, test=20",
-                   "weights: t.pth", "Seeds: 3", "  - engine not built yet", "| epoch | loss | test_accuracy |",
+                   "weights: t.pth", "Seeds: 3", "- engine not built yet", "| epoch | loss | test_accuracy |",
                    "torch 2.14.1"]:
         assert needle in md, needle

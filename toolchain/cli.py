@@ -23,17 +23,36 @@ Common keys (defaults in parentheses):
   data.train_fraction=FLOAT (1.0, e.g. 0.1 for the data-scarce setting)
   data.unlabelled_transfer=BOOL (true: kd/rd distil on the images whose labels were withheld)
   teacher.checkpoint=FILE  teacher.arch=TIMM_NAME  student.pretrained_checkpoint=FILE
-  export.opset=INT (17)  export.latency_runs=INT (100)
+Export keys (defaults from conf/config.yaml; the target sets precision and formats):
+{export_keys}
+Export formats (a target's `formats:` list; export.formats=[...] overrides it):
+{formats}
 
 example:
   medkd-build recipe=rd target=jetson-orin
   medkd-build recipe=kd data=npz data.path=pathmnist.npz student=mobilenetv3
+  medkd-build target=datacenter-gpu target.compute_capability=8.0 export.precision=int8
+Re-export a finished run for another target: medkd-export RUN_DIR target=NAME [export.KEY=VALUE]
 """
 
 
+def _flatten(prefix: str, node) -> list[tuple[str, object]]:
+    if isinstance(node, dict):
+        return [item for key, value in node.items() for item in _flatten(f"{prefix}.{key}", value)]
+    return [(prefix, node)]
+
+
 def usage() -> str:
+    from omegaconf import OmegaConf
+
+    from medkd.export.formats import format_table
+
+    from .config import load_config
+
     lines = "".join(f"  {g + '=':<10}{' | '.join(group_options(g))}\n" for g in GROUPS)
-    return USAGE.format(groups=lines)
+    defaults = _flatten("export", OmegaConf.to_container(load_config([]).export))
+    export_keys = "\n".join(f"  {key}={'null' if value is None else value}" for key, value in defaults)
+    return USAGE.format(groups=lines, export_keys=export_keys, formats=format_table())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,7 +46,7 @@ def load_config(overrides: list[str]) -> DictConfig:
         raise ConfigError(_one_line(exc)) from None
     finally:
         GlobalHydra.instance().clear()
-    _check_values(cfg)
+    check_values(cfg)
     return cfg
 
 
@@ -59,7 +59,7 @@ def _one_line(exc: Exception) -> str:
     return text
 
 
-def _check_values(cfg: DictConfig) -> None:
+def check_values(cfg: DictConfig) -> None:
     """Range/type checks Hydra cannot do on untyped YAML."""
     missing = OmegaConf.missing_keys(cfg)
     if missing:
@@ -70,6 +70,13 @@ def _check_values(cfg: DictConfig) -> None:
     _positive_number(cfg.train.lr, "train.lr")
     _non_negative_number(cfg.train.weight_decay, "train.weight_decay")
     _positive_int(cfg.export.latency_runs, "export.latency_runs")
+    _positive_int(cfg.export.opset, "export.opset")
+    if not 13 <= cfg.export.opset <= 21:
+        raise ConfigError(f"export.opset must be between 13 (per-channel int8) and 21, got {cfg.export.opset}")
+    if cfg.export.dla_core is not None:
+        _non_negative_int(cfg.export.dla_core, "export.dla_core")
+    if not isinstance(cfg.export.firmware_c_source, bool):
+        raise ConfigError(f"export.firmware_c_source must be true or false, got '{cfg.export.firmware_c_source}'")
     _non_negative_int(cfg.export.latency_warmup, "export.latency_warmup")
     _non_negative_int(cfg.seed, "seed")
     if cfg.threads is not None:

@@ -17,9 +17,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
-from medkd.export.firmware import write_firmware_blob
-from medkd.export import export_onnx, fold_batchnorm_with_stats, onnx_parity, profile_onnx_cpu
-from medkd.recipes import UNLABELLED, build_recipe
+from medkd.export.run_export import STAGING, previous_artifacts
+from medkd.recipes import build_recipe
 
 from .atomic import atomic_save, atomic_write_text
 from .checkpoint import CHECKPOINT_NAME, config_fingerprint
@@ -27,6 +26,7 @@ from .config import default_run_dir
 from .data import load_task
 from .data.base import ImageSet
 from .errors import UserError
+from .export_stage import deployed_summary, make_plan, run_export, training_pool
 from .features import teacher_features
 from .models.students import build_student, count_parameters
 from .models.teachers import build_teacher
@@ -34,7 +34,7 @@ from .report import write_report
 from .targets import target_summary
 from .train import TrainSettings, accuracy, fit, predict
 
-ARTIFACTS = ("config.yaml", CHECKPOINT_NAME, "student.safetensors", "model.onnx", "report.json", "report.md")
+ARTIFACTS = ("config.yaml", CHECKPOINT_NAME, "student.safetensors", "report.json", "report.md")
 
 
 class RunLog:
@@ -74,7 +74,8 @@ def prepare_run_dir(cfg: DictConfig) -> Path:
     if cfg.overwrite and run_dir.exists():
         for name in ARTIFACTS:
             (run_dir / name).unlink(missing_ok=True)
-        shutil.rmtree(run_dir / "firmware", ignore_errors=True)
+        for path in [*previous_artifacts(run_dir, "model"), run_dir / STAGING]:
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
@@ -90,10 +91,7 @@ def training_fingerprint(cfg: DictConfig) -> str:
 
 def training_set(task, recipe) -> ImageSet:
     """The labelled images, plus the withheld-label ones when the recipe can learn from them."""
-    if task.unlabelled is None or not recipe.uses_unlabelled:
-        return task.train
-    withheld = torch.full((len(task.unlabelled),), UNLABELLED, dtype=task.train.labels.dtype)
-    return ImageSet(torch.cat([task.train.images, task.unlabelled]), torch.cat([task.train.labels, withheld]))
+    return training_pool(task) if recipe.uses_unlabelled else task.train
 
 
 def run(cfg: DictConfig) -> dict:
@@ -117,6 +115,7 @@ def run(cfg: DictConfig) -> dict:
     train = training_set(task, recipe)
     if len(train) > len(task.train):
         log(f"transfer set: + {len(train) - len(task.train)} training images with withheld labels")
+    plan = make_plan(cfg, task)
     run_dir = prepare_run_dir(cfg)
     log.attach(run_dir / "log.txt")
     atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
@@ -160,29 +159,12 @@ def run(cfg: DictConfig) -> dict:
         log=log,
     )
     deployable = recipe.deployable().eval()
-    test_acc = accuracy(predict(deployable, task.test.images), task.test.labels)
+    student_accuracy = accuracy(predict(deployable, task.test.images), task.test.labels)
     atomic_save(run_dir / "student.safetensors", lambda tmp: save_file(_contiguous(deployable.state_dict()), str(tmp)))
 
-    # 4. Export: fold BatchNorm, ONNX with dynamic batch, parity, CPU latency.
-    folded, fold_stats = fold_batchnorm_with_stats(deployable)
-    log(f"BatchNorm folded: {fold_stats.num_folded}, kept: {fold_stats.num_unfolded}")
-    sample = task.test.images[:8]
-    onnx_path = export_onnx(folded, sample, run_dir / "model.onnx", opset=cfg.export.opset)
-    parity = onnx_parity(deployable, onnx_path, task.test.images[:64])
-    log(f"ONNX parity vs PyTorch: max abs diff {parity['max_abs_diff']:.2e}")
-    latency = profile_onnx_cpu(
-        onnx_path,
-        (1, task.in_chans, task.image_size, task.image_size),
-        warmup=cfg.export.latency_warmup,
-        runs=cfg.export.latency_runs,
-        threads=cfg.threads,
-        progress=progress,
-    )
-
-    firmware = write_firmware_blob(
-        onnx_path, run_dir / "firmware", kind="onnx", c_source=cfg.export.firmware_c_source
-    )
-    log(f"firmware container: {firmware['bin']} ({firmware['container_size']} bytes, crc32 {firmware['crc32']:#010x})")
+    # 4. Export for the target: fold, ONNX, fp16/int8 behind parity and the accuracy guard,
+    #    TensorRT engine or on-device bundle, firmware container, latency, plots.
+    export = run_export(cfg, run_dir, task, recipe.deployables(), plan, log, progress)
 
     report = {
         "run": {
@@ -204,17 +186,13 @@ def run(cfg: DictConfig) -> dict:
         "teacher": teacher_info,
         "student": {"name": cfg.student.name, "parameters": count_parameters(deployable)},
         "training": {"epochs": cfg.train.epochs, "history": result.history,
-                     "test_accuracy": test_acc,
+                     "test_accuracy": student_accuracy,
                      "teacher_test_accuracy": result.history[-1].get("teacher_test_accuracy") if result.history else None},
-        "export": {"onnx_path": str(onnx_path), "onnx_size_bytes": onnx_path.stat().st_size,
-                   "opset": cfg.export.opset, "parity": parity,
-                   "bn_folded": fold_stats.num_folded, "bn_unfolded": fold_stats.num_unfolded,
-                   "firmware": firmware},
-        "latency": latency,
-        "target": target_summary(cfg.target),
+        "export": export,
+        "target": target_summary(cfg.target, export),
     }
     md_path, json_path = write_report(run_dir, report)
-    log(f"test accuracy {test_acc:.4f}; report: {md_path}")
+    log(f"test accuracy {student_accuracy:.4f} (PyTorch fp32); {deployed_summary(export)}; report: {md_path}")
     return report
 
 

@@ -1,7 +1,7 @@
 """The run report: ``report.json`` (machine-readable) and ``report.md`` (for people).
 
 :func:`write_report` takes one nested dict and writes both files into the run folder,
-each atomically (temp file in the same folder, fsync, ``os.replace``). Every section and
+each atomically (medkd.toolchain.atomic). Every section and
 every key is optional: whatever is missing renders as "n/a" in the markdown, and the
 JSON is the dict as given (plus ``run.versions`` filled in from the writing process when
 absent), with sorted keys and indent 2.
@@ -30,14 +30,19 @@ non-finite floats are written as the strings "NaN"/"Infinity"/"-Infinity")::
     training:   epochs: int, best_epoch: int
                 history: [{epoch: int, train_loss, val_loss, train_acc, val_acc: float, ...}]
                     (any per-epoch keys; the table shows the union, in the order above first)
-    export:     onnx_path: str, onnx_size_bytes: int, opset: int, exporter: str
-                bn_folded: int, bn_unfolded: int
-                parity: {max_abs_diff, mean_abs_diff, top1_agreement, num_samples}
-    latency:    the dict of medkd.export.profile_onnx_cpu: p50_ms, p90_ms, p99_ms, mean_ms,
-                runs, warmup, threads, provider, onnxruntime_version, session_options, ...
+    export:     written by medkd.export.run_export.export_deployables:
+                plan: {requested_precision, precisions, fallback_precision, formats, ...}
+                latency_note: str      what the CPU latency is (a host proxy for GPU targets)
+                models: {name: {requested_precision, deployed_precision, deployed_file,
+                                onnx: {precision: {path, size_bytes}},
+                                test_metric: {precision: float}, validation_images: int,
+                                formats: {format: what it produced (parity, guard, bundle, firmware)},
+                                latency: {precision: [profile_onnx_matrix rows]},
+                                plots: [relative PNG paths], stage_seconds: {stage: float}}}
+    device_latency: added by `medkd-profile` from trtexec's exported JSON
     target:     name, description, runtime ("onnxruntime" | "tensorrt"), precision, arch
                 remaining: str | [str]  what is still to do for this target; when absent it is
-                    derived from `runtime` (tensorrt -> engine build not yet implemented)
+                    derived from `runtime`
 
 Accuracies are fractions in [0, 1] and shown as percentages in the markdown.
 
@@ -55,11 +60,11 @@ import json
 import math
 import os
 import platform
-import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from medkd.toolchain.atomic import atomic_write_text
 from medkd.toolchain.errors import UserError
 
 __all__ = ["write_report", "render_markdown", "collect_versions", "SECTIONS"]
@@ -106,22 +111,6 @@ def _jsonable(obj: Any) -> Any:
         raise UserError(f"report value at {where} is not JSON-serialisable ({type(o).__name__})")
 
     return conv(obj, "report")
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 # ------------------------------------------------------------------------- markdown
@@ -187,10 +176,111 @@ def _remaining(target: dict) -> list[str]:
     runtime = str(target.get("runtime", "")).lower()
     name = target.get("name", NA)
     if runtime == "tensorrt":
-        return [f"TensorRT engine build for {name}: not yet implemented; this run produced ONNX only."]
+        return [f"Build the TensorRT engine on the {name} (see the bundle) and profile it there."]
     if runtime == "onnxruntime":
         return [f"Nothing: the ONNX model runs as-is with ONNX Runtime on {name}."]
     return [NA]
+
+
+def _models(export: dict) -> dict:
+    models = export.get("models")
+    return {k: v for k, v in models.items() if isinstance(v, dict)} if isinstance(models, dict) else {}
+
+
+def _mb(size) -> str:
+    return _num(size / 1e6, "{:.2f} MB") if isinstance(size, (int, float)) and not isinstance(size, bool) else NA
+
+
+def _latency_p50(rows, batch: int) -> str:
+    """p50 at `batch` with the most threads measured."""
+    rows = [r for r in rows or [] if isinstance(r, dict) and r.get("batch_size") == batch]
+    return _num(max(rows, key=lambda r: r.get("threads", 0))["p50_ms"], "{:.3f}") if rows else NA
+
+
+def _precision_rows(model: dict) -> list[list[str]]:
+    formats = model.get("formats") if isinstance(model.get("formats"), dict) else {}
+    parity = {"fp32": (formats.get("onnx") or {}).get("parity"),
+              "fp16": (formats.get("onnx-fp16") or {}).get("parity"),
+              "int8": ((formats.get("onnx-int8") or {}).get("guard") or {}).get("comparison")}
+    latency = model.get("latency") if isinstance(model.get("latency"), dict) else {}
+    rows = []
+    for precision, info in (model.get("onnx") or {}).items():
+        check = parity.get(precision) or {}
+        rows.append([
+            precision + (" (deployed)" if precision == model.get("deployed_precision") else ""),
+            _txt(info.get("path")), _mb(info.get("size_bytes")),
+            _pct((model.get("test_metric") or {}).get(precision)),
+            _pct(check.get("top1_agreement")),
+            _num(check.get("metric_drop_points"), "{:.2f}") if precision != "fp32" else "reference",
+            _latency_p50(latency.get(precision), 1), _latency_p50(latency.get(precision), 32),
+        ])
+    return rows
+
+
+def _int8_lines(int8: dict) -> list[str]:
+    guard = int8.get("guard") if isinstance(int8.get("guard"), dict) else {}
+    out = ["", "### int8", "",
+           f"- Layout: {_txt(int8.get('preset'))}, quantized with {_txt(int8.get('library'))}, "
+           f"calibration {_txt(int8.get('calibration_method'))} on training images; "
+           f"{_txt(int8.get('quantized_nodes'))} weighted layers in int8",
+           f"- Accuracy guard: {'holds' if guard.get('held') else 'does NOT hold: int8 refused'}"
+           + (f" (first try failed: {_txt(guard.get('first_failure'))})" if guard.get("first_failure") else "")]
+    kept = guard.get("kept_high_precision") or []
+    if kept:
+        out.append(f"- Kept in high precision by the guard, most sensitive first: {_txt(kept)}")
+    unquantized = int8.get("unquantized") if isinstance(int8.get("unquantized"), dict) else {}
+    if unquantized:
+        out += ["", "Layers left unquantized:", ""]
+        out += _table(["Node", "Why"], [[_txt(n), _txt(why)] for n, why in unquantized.items()])
+    return out
+
+
+def _render_deployment(export: dict, target: dict, target_name) -> list[str]:
+    out = ["", "## Deployment", "",
+           f"- Target: {_txt(target_name)} — {_txt(target.get('description'))} "
+           f"(runtime {_txt(target.get('runtime'))})"]
+    for name, model in _models(export).items():
+        formats = model.get("formats") if isinstance(model.get("formats"), dict) else {}
+        out += ["", f"### {name}: {_txt(model.get('requested_precision'))} requested, "
+                    f"{_txt(model.get('deployed_precision'))} deployed ({_txt(model.get('deployed_file'))})", "",
+                f"Checks use {_txt(model.get('validation_images'))} validation images carved from the training side; "
+                "the test split is evaluated once per precision and only reported.", ""]
+        out += _table(["Precision", "File", "Size", "Test accuracy", "Validation top-1 agreement vs fp32",
+                       "Validation drop (points)", "CPU p50 batch 1 (ms)", "CPU p50 batch 32 (ms)"],
+                      _precision_rows(model))
+        fold = (formats.get("onnx") or {}).get("fold") or {}
+        bn = fold.get("batchnorm") or {}
+        out += ["", f"- Fold stage: BatchNorm folded {_txt(bn.get('bn_folded'))} / kept {_txt(bn.get('bn_unfolded'))}; "
+                    f"PEFT adapters merged: {_txt((fold.get('peft_merge') or {}).get('merged'))}"]
+        if "tensorrt" in formats:
+            out.append(f"- TensorRT engine: {_txt(formats['tensorrt'].get('path'))}")
+        if "bundle" in formats:
+            out.append(f"- On-device bundle: {_txt(formats['bundle'].get('path'))} (build_engine.sh, build_engine.py, "
+                       "manifest.json); TensorRT engine not built on this host")
+        out.append(f"- Firmware container: {_firmware_line(formats.get('firmware'))}")
+        if isinstance(formats.get("onnx-int8"), dict):
+            out += _int8_lines(formats["onnx-int8"])
+        stages = model.get("stage_seconds") if isinstance(model.get("stage_seconds"), dict) else {}
+        if stages:
+            out += ["", "Stage wall times:", ""]
+            out += _table(["Stage", "Seconds"], [[_txt(k), _num(v, "{:.1f}")] for k, v in stages.items()])
+        out += _latency_lines(model, export.get("latency_note"))
+    out += ["", "Remaining for this target:"]
+    out += [f"- {_txt(r)}" for r in _remaining(target)]
+    return out
+
+
+def _latency_lines(model: dict, note) -> list[str]:
+    latency = model.get("latency") if isinstance(model.get("latency"), dict) else {}
+    rows = [{"precision": p, **r} for p, matrix in latency.items() for r in matrix or [] if isinstance(r, dict)]
+    if not rows:
+        return []
+    from medkd.export.plots import latency_table_markdown  # lazy: matplotlib
+
+    out = ["", f"Latency: {_txt(note)}.", ""] + latency_table_markdown(rows)
+    for plot in model.get("plots") or []:
+        out += ["", f"![{Path(plot).stem}]({plot})"]
+    return out
 
 
 def _firmware_line(firmware) -> str:
@@ -207,8 +297,7 @@ def _firmware_line(firmware) -> str:
 def render_markdown(report: dict) -> str:
     """The human-readable report for `report` (see the module docstring for the schema)."""
     run, data, teacher, student = (_sec(report, s) for s in ("run", "data", "teacher", "student"))
-    training, export, latency, target = (_sec(report, s) for s in ("training", "export", "latency", "target"))
-    parity = export.get("parity") if isinstance(export.get("parity"), dict) else {}
+    training, export, target = (_sec(report, s) for s in ("training", "export", "target"))
     provenance = data.get("provenance") if isinstance(data.get("provenance"), dict) else {}
     student_name = _first((student, "arch"), (student, "name"), (run, "student"))
     teacher_name = _first((teacher, "name"), (run, "teacher"))
@@ -231,44 +320,16 @@ def render_markdown(report: dict) -> str:
         "## Metrics",
         "",
     ]
-    size = export.get("onnx_size_bytes")
-    size_mb = _num(size / 1e6, "{:.2f} MB") if isinstance(size, (int, float)) and not isinstance(size, bool) else NA
-    if latency:
-        lat = " / ".join(_num(latency.get(k), "{:.3f}") for k in ("p50_ms", "p90_ms", "p99_ms")) + " ms"
-        lat_setup = (
-            f"{_txt(latency.get('provider'))}, {_txt(latency.get('threads'))} threads, "
-            f"batch {_txt(latency.get('batch_size', 1))}, {_txt(latency.get('runs'))} runs "
-            f"(+{_txt(latency.get('warmup'))} warm-up), onnxruntime {_txt(latency.get('onnxruntime_version'))}"
-        )
-    else:
-        lat, lat_setup = NA, NA
-    rows = [
-        ["Test accuracy (student)", _pct(student_acc)],
-    ]
+    rows = [["Test accuracy (student, PyTorch fp32)", _pct(student_acc)]]
     if teacher_acc is not None:
         rows.append(["Test accuracy (teacher branch)", _pct(teacher_acc)])
-    rows += [
-        ["Parameters (student)", _int(_first((student, "params"), (student, "parameters")))],
-        ["ONNX model size", size_mb],
-        ["ONNX opset", _txt(export.get("opset"))],
-        ["BatchNorms folded / kept", f"{_txt(export.get('bn_folded'))} / {_txt(export.get('bn_unfolded'))}"],
-        ["Parity max abs diff (PyTorch vs ONNX Runtime)", _num(parity.get("max_abs_diff"), "{:.3g}")],
-        ["Parity top-1 agreement", _pct(parity.get("top1_agreement"))],
-        ["ONNX Runtime CPU latency p50 / p90 / p99", lat],
-        ["ONNX Runtime CPU threads", _txt(latency.get("threads"))],
-        ["Latency setup", lat_setup],
-    ]
+    rows.append(["Parameters (student)", _int(_first((student, "params"), (student, "parameters")))])
+    for name, model in _models(export).items():
+        deployed = model.get("deployed_precision")
+        metric = model.get("test_metric") if isinstance(model.get("test_metric"), dict) else {}
+        rows.append([f"Test accuracy, deployed {name} ({_txt(deployed)})", _pct(metric.get(deployed))])
     out += _table(["Metric", "Value"], rows)
-
-    out += ["", "## Target", ""]
-    out += [
-        f"- Target: {_txt(target_name)} — {_txt(target.get('description'))}",
-        f"- Runtime / precision: {_txt(target.get('runtime'))} / {_txt(target.get('precision'))}",
-        f"- ONNX file: {_txt(export.get('onnx_path'))}",
-        f"- Firmware container: {_firmware_line(export.get('firmware'))}",
-        "- Remaining for this target:",
-    ]
-    out += [f"  - {_txt(r)}" for r in _remaining(target)]
+    out += _render_deployment(export, target, target_name)
 
     out += ["", "## Training history", ""]
     history = training.get("history")
@@ -284,6 +345,11 @@ def render_markdown(report: dict) -> str:
             out += ["", f"Best epoch: {_txt(training.get('best_epoch'))}"]
     else:
         out.append(NA)
+
+    if isinstance(report.get("device_latency"), dict):  # added by medkd-profile from trtexec files
+        from medkd.export.device_profile import render_device_latency  # lazy: medkd.export loads torch
+
+        out += [""] + render_device_latency(report["device_latency"])
 
     seeds = _first((run, "seeds"), (run, "seed"))
     versions = run.get("versions") if isinstance(run.get("versions"), dict) else {}
@@ -321,6 +387,6 @@ def write_report(run_dir: str | os.PathLike, report: dict) -> tuple[Path, Path]:
     json_text = json.dumps(data, sort_keys=True, indent=2, allow_nan=False) + "\n"
     md_text = render_markdown(data)
     json_path, md_path = run_dir / "report.json", run_dir / "report.md"
-    _atomic_write_text(json_path, json_text)
-    _atomic_write_text(md_path, md_text)
+    atomic_write_text(json_path, json_text)
+    atomic_write_text(md_path, md_text)
     return md_path, json_path

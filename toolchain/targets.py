@@ -5,17 +5,22 @@ from __future__ import annotations
 from omegaconf import DictConfig, OmegaConf
 
 
-def target_summary(cfg: DictConfig) -> dict:
+def target_summary(cfg: DictConfig, export: dict) -> dict:
+    """The target's settings plus, per deployable, what is ready and what is left to do on the device."""
     summary = OmegaConf.to_container(cfg)
-    if cfg.runtime == "tensorrt":
-        # Engine building lands with the TensorRT/firmware work; say so rather than pretend.
-        summary["status"] = (
-            "ONNX exported and packed as a firmware container (firmware/medkd_model.bin, ONNX "
-            "payload); TensorRT engine not built yet (planned: export/tensorrt). Build it on the "
-            "device with `trtexec --onnx=model.onnx --fp16 --saveEngine=model.engine`."
-        )
-        summary["engine_built"] = False
-    else:
-        summary["status"] = "ONNX Runtime model ready"
-        summary["engine_built"] = False
+    remaining, built = [], False
+    for name, model in export["models"].items():
+        formats = model["formats"]
+        if "tensorrt" in formats:
+            built = True
+        elif "bundle" in formats:
+            remaining.append(
+                f"{name}: TensorRT is not installed on the build host, so no engine was built. Copy "
+                f"{formats['bundle']['path']} to the {cfg.name} and run build_engine.sh there, then "
+                "`medkd-profile RUN_DIR <trtexec JSON files>` to add on-device latency to this report."
+            )
+    summary["engine_built"] = built
+    if cfg.runtime == "onnxruntime":
+        remaining.append("nothing: the deployed ONNX model runs as-is with ONNX Runtime")
+    summary["remaining"] = remaining
     return summary

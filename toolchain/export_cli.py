@@ -1,0 +1,133 @@
+"""`medkd-export RUN_DIR [target=NAME] [export.KEY=VALUE ...]`: re-export a finished run.
+
+The trained student (student.safetensors) is exported again for another target or
+precision without retraining; the run's report and config.yaml are updated, the previous
+export's files are replaced only if the new export succeeds.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .config import CONF_DIR, group_options
+from .errors import ConfigError, UserError
+
+USAGE = """\
+usage: medkd-export RUN_DIR [target=NAME] [target.KEY=VALUE] [export.KEY=VALUE ...]
+
+Re-export the trained student of a finished medkd-build run for another target or
+precision, without retraining. Targets: {targets}
+Keys: see `medkd-build --help` (export.precision, export.formats, export.calibration.*, ...).
+
+example:
+  medkd-export runs/rd-mri-resnet18-jetson-orin target=cpu export.precision=int8
+"""
+
+
+def _parse_value(text: str):
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise ConfigError(f"cannot parse value '{text}'") from None
+
+
+def apply_overrides(cfg, overrides: list[str]):
+    """Only the target and export sections may change: everything else was fixed by training."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"expected key=value, got '{item}' (see medkd-export --help)")
+        if key == "target":
+            if value not in group_options("target"):
+                from medkd.export.formats import suggest
+
+                raise ConfigError(f"unknown target '{value}'{suggest(value, group_options('target'))}; "
+                                  f"choose one of: {', '.join(group_options('target'))}")
+            cfg.target = OmegaConf.load(CONF_DIR / "target" / f"{value}.yaml")
+        elif key.startswith(("export.", "target.")):
+            OmegaConf.set_struct(cfg, True)
+            try:
+                OmegaConf.update(cfg, key, _parse_value(value), merge=False)
+            except OmegaConfBaseException:
+                raise ConfigError(f"unknown config key '{key}' (see medkd-build --help for the keys)") from None
+            finally:
+                OmegaConf.set_struct(cfg, False)
+        else:
+            raise ConfigError(f"medkd-export changes only target= and export.* keys, not '{key}'; "
+                              "retrain with medkd-build to change it")
+    return cfg
+
+
+def reexport(run_dir: Path, overrides: list[str]) -> dict:
+    from omegaconf import OmegaConf
+    from safetensors.torch import load_file
+
+    from .atomic import atomic_write_text
+    from .config import check_values
+    from .data import load_task
+    from .export_stage import deployed_summary, make_plan, run_export
+    from .models.students import build_student
+    from .pipeline import RunLog, progress_setting
+    from .report import write_report
+    from .targets import target_summary
+
+    for name in ("config.yaml", "student.safetensors", "report.json"):
+        if not (run_dir / name).is_file():
+            raise UserError(f"{run_dir} is not a finished medkd run: {name} is missing")
+    cfg = apply_overrides(OmegaConf.load(run_dir / "config.yaml"), overrides)
+    check_values(cfg)
+    task = load_task(cfg.data)
+    plan = make_plan(cfg, task)  # every export option is checked before anything is written
+    student = build_student(cfg.student, task.num_classes, task.in_chans, task.image_size)
+    try:
+        student.load_state_dict(load_file(str(run_dir / "student.safetensors")))
+    except Exception as exc:  # wrong keys/shapes or a damaged file
+        raise UserError(f"{run_dir / 'student.safetensors'} does not fit the run's student: "
+                        f"{type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+    log = RunLog()
+    log.attach(run_dir / "log.txt")
+    log(f"medkd-export {' '.join(overrides)}")
+    section = run_export(cfg, run_dir, task, {"model": student.eval()}, plan, log, progress_setting(cfg))
+
+    report = json.loads((run_dir / "report.json").read_text())
+    report["export"] = section
+    report["target"] = target_summary(cfg.target, section)
+    report.pop("device_latency", None)  # it measured the previous engine
+    report.setdefault("run", {}).setdefault("exports", []).append(
+        {"command": "medkd-export " + " ".join([str(run_dir), *overrides]),
+         "at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
+    md_path, _ = write_report(run_dir, report)
+    log(f"{deployed_summary(section)}; report: {md_path}")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or any(arg in ("-h", "--help", "help") for arg in argv):
+        print(USAGE.format(targets=", ".join(group_options("target"))))
+        return 0 if argv else 2
+    run_dir, overrides = Path(argv[0]), argv[1:]
+    try:
+        if not run_dir.is_dir():
+            raise UserError(f"run directory {run_dir} not found")
+        reexport(run_dir, overrides)
+    except UserError as exc:
+        print(f"medkd-export: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("medkd-export: interrupted; the previous export is unchanged", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

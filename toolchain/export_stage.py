@@ -1,0 +1,81 @@
+"""The pipeline's export step: split the images the exporter needs, run it, shape the report.
+
+Shared by `medkd-build` (after training) and `medkd-export` (a finished run, re-exported
+for another target or precision without retraining).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from medkd.export.evaluate import accuracy
+from medkd.export.exporter import Deployable, ExportData
+from medkd.export.plan import ExportPlan, plan_export
+from medkd.export.run_export import export_deployables
+from medkd.recipes import UNLABELLED
+
+from .data.base import ImageSet, TaskData
+
+
+def training_pool(task: TaskData) -> ImageSet:
+    """Every training image; the withheld-label ones serve calibration, which needs no labels."""
+    if task.unlabelled is None:
+        return task.train
+    withheld = torch.full((len(task.unlabelled),), UNLABELLED, dtype=task.train.labels.dtype)
+    return ImageSet(torch.cat([task.train.images, task.unlabelled]), torch.cat([task.train.labels, withheld]))
+
+
+def make_plan(cfg: DictConfig, task: TaskData) -> ExportPlan:
+    """Validate every export option against the target and the data, before anything runs."""
+    pool = training_pool(task)
+    labelled = int((pool.labels != UNLABELLED).sum())
+    return plan_export(OmegaConf.to_container(cfg.target), OmegaConf.to_container(cfg.export), labelled, len(pool),
+                       (task.in_chans, task.image_size, task.image_size))
+
+
+def export_data(task: TaskData, plan: ExportPlan, seed: int) -> ExportData:
+    """Validation images (labelled) and calibration images (any), disjoint, from the training side."""
+    train = training_pool(task)
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+    labelled = order[train.labels[order] != UNLABELLED]
+    validation = labelled[: plan.validation_images]
+    rest = order[~torch.isin(order, validation)]
+    calibration = rest[: plan.calibration_images]
+    return ExportData(
+        calibration=train.images[calibration].numpy(),
+        validation_images=train.images[validation].numpy(),
+        validation_labels=train.labels[validation].numpy(),
+        test_images=task.test.images.numpy(),
+        test_labels=task.test.labels.numpy(),
+        metric=accuracy,
+        metric_name="accuracy",
+        class_names=list(task.class_names),
+        preprocessing={"layout": "NCHW", "dtype": "float32", "value_range": [0.0, 1.0],
+                       "channels": task.in_chans, "image_size": task.image_size,
+                       "source": task.provenance.get("source") if isinstance(task.provenance, dict) else None},
+    )
+
+
+def run_export(cfg: DictConfig, run_dir: Path, task: TaskData, modules: dict[str, torch.nn.Module],
+               plan: ExportPlan, log, progress) -> dict:
+    data = export_data(task, plan, cfg.seed)
+    log(f"export for {cfg.target.name}: precision {plan.requested_precision}, formats {', '.join(plan.formats)}; "
+        f"{len(data.validation_labels)} validation / {len(data.calibration)} calibration images from the training side")
+    deployables = [Deployable(name, module.eval()) for name, module in modules.items()]
+    section = export_deployables(run_dir, OmegaConf.to_container(cfg.target), OmegaConf.to_container(cfg.export),
+                                 plan, deployables, data, log=log, progress=progress)
+    section["opset"] = cfg.export.opset
+    section["profile_batch"] = cfg.target.batch.opt
+    return section
+
+
+def deployed_summary(section: dict) -> str:
+    """One line per deployable: which file is deployed and its test metric."""
+    parts = []
+    for name, model in section["models"].items():
+        metric = model["test_metric"].get(model["deployed_precision"])
+        parts.append(f"deployed {name}: {model['deployed_file']} ({model['deployed_precision']}, test {metric:.4f})")
+    return "; ".join(parts)
