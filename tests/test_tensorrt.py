@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import importlib.machinery
 import json
 import sys
 import types
@@ -550,6 +551,7 @@ class Builder:
 @pytest.fixture
 def fake_trt(monkeypatch):
     module = types.ModuleType("tensorrt")
+    module.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)  # torch probes find_spec("tensorrt")
     exec(compile(FAKE_TENSORRT_SOURCE, "fake_tensorrt.py", "exec"), module.__dict__)
     monkeypatch.setitem(sys.modules, "tensorrt", module)
     return module
@@ -726,3 +728,28 @@ def test_build_engine_cached_reuses_only_same_device_kind(on_orin, models, tmp_p
     on_orin["cc"] = None
     with pytest.raises(UserError, match="compute capability"):
         build_engine_cached(models["int8"], s, tmp_path / "d.engine", cache)
+
+
+def test_pipeline_builds_an_engine_and_embeds_it_where_tensorrt_is_present(on_orin, fake_trt, tmp_path):
+    """With TensorRT and a matching GPU (here the fake TensorRT on a pretend Orin), the
+    export builds the engine instead of a bundle and the firmware carries the engine."""
+    from medkd.export.firmware import read_firmware_blob
+    from medkd.toolchain.config import load_config
+    from medkd.toolchain.pipeline import run
+
+    report = run(load_config([
+        "recipe=scratch", "target=jetson-orin", "export.precision=fp16", "data.max_train=64", "data.max_test=32",
+        "train.epochs=1", "train.batch_size=32", "export.latency_runs=2", "export.latency_warmup=0",
+        "export.latency_batches=[1]", "export.latency_threads=[1]", "progress=false",
+        f"run_dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}",
+        f"export.engine_cache_dir={tmp_path / 'engines'}",
+    ]))
+    run_dir = tmp_path / "run"
+    model = report["export"]["models"]["model"]
+    assert model["deployed_file"] == "model.engine" and "bundle" not in model["formats"]
+    assert report["target"]["engine_built"] is True and not (run_dir / "bundle").exists()
+    engine = json.loads((run_dir / "model.engine").read_text())  # the fake records its build settings
+    assert engine["builder_flags"] == ["FP16"] and engine["profiles"][0]["max"][0] == 8
+    header, payload = read_firmware_blob(run_dir / "firmware" / "medkd_model.bin")
+    assert header["kind"] == "tensorrt-engine" and payload == (run_dir / "model.engine").read_bytes()
+    assert "TensorRT engine: model.engine" in (run_dir / "report.md").read_text()
