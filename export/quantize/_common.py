@@ -7,6 +7,7 @@ import logging
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 
@@ -37,3 +38,24 @@ def quiet_libraries():
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
         ort.set_default_logger_severity(2)
+
+
+def ort_qdq(fp32_onnx: Path, out: Path, calibration: np.ndarray, method: str, nodes_to_exclude: list[str],
+            *, signed_activations: bool) -> None:
+    """ONNX Runtime's static QDQ quantizer: per-channel symmetric int8 weights, activations
+    symmetric int8 (TensorRT's numerics) or uint8 with a zero point (ORT's CPU kernels)."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    from .calibration import CALIBRATION_METHODS, ArrayReader
+
+    ort_method, extra = CALIBRATION_METHODS[method]
+    quantize_static(
+        str(fp32_onnx), str(out), ArrayReader(input_name(fp32_onnx), calibration),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QInt8 if signed_activations else QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        nodes_to_exclude=nodes_to_exclude,
+        calibrate_method=ort_method,
+        extra_options={"ActivationSymmetric": signed_activations, "WeightSymmetric": True, **extra},
+    )

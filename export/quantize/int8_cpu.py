@@ -13,12 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-
 from medkd.toolchain.atomic import atomic_path
 
-from ._common import input_name, library_version, quiet_libraries
-from .calibration import CALIBRATION_METHODS, ArrayReader
+from ._common import library_version, ort_qdq, quiet_libraries
 from .inspection import QuantizeResult, classifier_node, describe
 
 CLASSIFIER_REASON = "final classifier: logits kept in fp32"
@@ -37,16 +34,6 @@ def exclusion_reasons(fp32_onnx: Path, exclude: tuple[str, ...]) -> dict[str, st
 def quantize_int8_cpu(fp32_onnx: Path, out_path: Path, calibration: np.ndarray, method: str,
                       exclude: tuple[str, ...]) -> QuantizeResult:
     reasons = exclusion_reasons(fp32_onnx, exclude)
-    ort_method, extra = CALIBRATION_METHODS[method]
     with atomic_path(out_path) as tmp, quiet_libraries():
-        quantize_static(
-            str(fp32_onnx), str(tmp), ArrayReader(input_name(fp32_onnx), calibration),
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            nodes_to_exclude=sorted(reasons),
-            calibrate_method=ort_method,
-            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True, **extra},
-        )
+        ort_qdq(fp32_onnx, tmp, calibration, method, sorted(reasons), signed_activations=False)
     return describe(out_path, "int8-cpu", library_version("onnxruntime"), method, reasons)

@@ -16,12 +16,9 @@ import contextlib
 from pathlib import Path
 
 import numpy as np
-from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-
 from medkd.toolchain.atomic import atomic_path
 
-from ._common import input_name, library_version, quiet_libraries
-from .calibration import CALIBRATION_METHODS, ArrayReader
+from ._common import input_name, library_version, ort_qdq, quiet_libraries
 from .inspection import QuantizeResult, describe
 from .int8_cpu import exclusion_reasons
 
@@ -63,36 +60,18 @@ def _quantize_modelopt(fp32_onnx: Path, tmp: Path, calibration: np.ndarray, node
     from modelopt.onnx.quantization import quantize as modelopt_quantize
 
     with _ort_calibration_restored():
-        _run_modelopt(modelopt_quantize, fp32_onnx, tmp, calibration, nodes_to_exclude)
-
-
-def _run_modelopt(modelopt_quantize, fp32_onnx: Path, tmp: Path, calibration: np.ndarray, nodes_to_exclude: list[str]) -> None:
-    modelopt_quantize(
-        str(fp32_onnx),
-        quantize_mode="int8",
-        calibration_data={input_name(fp32_onnx): calibration},
-        calibration_method="max",
-        calibration_eps=["cpu"],
-        nodes_to_exclude=nodes_to_exclude or None,
-        dq_only=True,
-        high_precision_dtype="fp16",
-        output_path=str(tmp),
-        log_level="ERROR",
-    )
-
-
-def _quantize_ort(fp32_onnx: Path, tmp: Path, calibration: np.ndarray, method: str, nodes_to_exclude: list[str]) -> None:
-    ort_method, extra = CALIBRATION_METHODS[method]
-    quantize_static(
-        str(fp32_onnx), str(tmp), ArrayReader(input_name(fp32_onnx), calibration),
-        quant_format=QuantFormat.QDQ,
-        per_channel=True,
-        activation_type=QuantType.QInt8,
-        weight_type=QuantType.QInt8,
-        nodes_to_exclude=nodes_to_exclude,
-        calibrate_method=ort_method,
-        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, **extra},
-    )
+        modelopt_quantize(
+            str(fp32_onnx),
+            quantize_mode="int8",
+            calibration_data={input_name(fp32_onnx): calibration},
+            calibration_method="max",
+            calibration_eps=["cpu"],
+            nodes_to_exclude=nodes_to_exclude or None,
+            dq_only=True,
+            high_precision_dtype="fp16",
+            output_path=str(tmp),
+            log_level="ERROR",
+        )
 
 
 def quantize_int8_tensorrt(fp32_onnx: Path, out_path: Path, calibration: np.ndarray, method: str,
@@ -103,6 +82,6 @@ def quantize_int8_tensorrt(fp32_onnx: Path, out_path: Path, calibration: np.ndar
         if use_modelopt:
             _quantize_modelopt(fp32_onnx, tmp, calibration, sorted(reasons))
         else:
-            _quantize_ort(fp32_onnx, tmp, calibration, method, sorted(reasons))
+            ort_qdq(fp32_onnx, tmp, calibration, method, sorted(reasons), signed_activations=True)
     library = library_version("nvidia-modelopt" if use_modelopt else "onnxruntime")
     return describe(out_path, "int8-tensorrt", library, method, reasons)
