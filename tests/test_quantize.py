@@ -93,12 +93,13 @@ def test_tensorrt_layout_per_channel_int8_weights_zero_points_and_fp32_logits(te
     assert out.op_type not in ("DequantizeLinear", "QuantizeLinear")
 
 
-def test_tensorrt_layout_unquantized_layers_are_fp16_with_fp32_io(tensorrt_int8):
+def test_tensorrt_layout_keeps_unquantized_layers_and_io_in_fp32(tensorrt_int8):
+    """fp16 for the unquantized layers cost 7.4 points on the default student (int8_tensorrt.py)."""
     model, inits, _ = _graph(tensorrt_int8.path)
     assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     floats = {a.dtype for a in inits.values() if a.dtype.kind == "f"}
-    assert floats == {np.dtype(np.float16)}
+    assert floats == {np.dtype(np.float32)}
 
 
 def test_cpu_layout_uint8_activations_int8_per_channel_weights(fp32_onnx, calibration, tmp_path):

@@ -121,6 +121,9 @@ def run(cfg: DictConfig) -> dict:
     atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
     log(f"run directory: {run_dir}")
 
+    stage_seconds = {"setup": round(time.perf_counter() - started, 1)}
+    mark = time.perf_counter()
+
     # 2. Frozen-teacher features, once per image set (cached across runs).
     train_features = test_features = teacher_info = None
     if teacher is not None:
@@ -136,6 +139,9 @@ def run(cfg: DictConfig) -> dict:
         teacher_info = {**OmegaConf.to_container(cfg.teacher), "feature_dim": teacher.feature_dim,
                         "weights": cfg.teacher.checkpoint or f"shipped with the package ({teacher.fingerprint})"}
         del teacher  # the frozen model is not needed past this point
+
+    stage_seconds["teacher_features"] = round(time.perf_counter() - mark, 1)
+    mark = time.perf_counter()
 
     # 3. Train with per-epoch checkpoints.
     settings = TrainSettings(
@@ -162,6 +168,9 @@ def run(cfg: DictConfig) -> dict:
     student_accuracy = accuracy(predict(deployable, task.test.images), task.test.labels)
     atomic_save(run_dir / "student.safetensors", lambda tmp: save_file(_contiguous(deployable.state_dict()), str(tmp)))
 
+    stage_seconds["training"] = round(time.perf_counter() - mark, 1)
+    mark = time.perf_counter()
+
     # 4. Export for the target: fold, ONNX, fp16/int8 behind parity and the accuracy guard,
     #    TensorRT engine or on-device bundle, firmware container, latency, plots.
     export = run_export(cfg, run_dir, task, recipe.deployables(), plan, log, progress)
@@ -173,6 +182,7 @@ def run(cfg: DictConfig) -> dict:
             "seed": cfg.seed,
             "resumed_from_epoch": result.resumed_from_epoch,
             "wall_time_s": round(time.perf_counter() - started, 1),
+            "stage_seconds": {**stage_seconds, "export": round(time.perf_counter() - mark, 1)},
             "started_at": started_at,
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "command": "medkd-build " + " ".join(sys.argv[1:]) if sys.argv and "medkd-build" in sys.argv[0] else None,

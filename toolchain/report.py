@@ -316,6 +316,7 @@ def render_markdown(report: dict) -> str:
         f"- Teacher: {_txt(teacher_name)}",
         f"- Run folder: {_txt(run.get('run_dir'))}",
         f"- Finished: {_txt(run.get('finished_at'))}",
+        f"- Wall time: {_txt(run.get('wall_time_s'))} s ({_txt(run.get('stage_seconds'))})",
         "",
         "## Metrics",
         "",

@@ -10,7 +10,7 @@ preset              layout                                                      
 ``int8-tensorrt``   explicit Q/DQ for TensorRT: per-channel symmetric int8       NVIDIA ModelOpt
                     weights (stored as int8, DQ only), symmetric int8            (ORT QDQ as
                     activations, Q/DQ placed the way TensorRT fuses them;        fallback)
-                    unquantized layers in fp16
+                    unquantized layers in fp32 (see int8_tensorrt.py)
 ``int8-cpu``        ONNX Runtime's fully-integer CPU layout: per-channel         onnxruntime
                     symmetric int8 weights, *unsigned* int8 activations with a
                     zero point (symmetric activations leave ReLUs in float and
