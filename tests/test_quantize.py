@@ -152,3 +152,16 @@ def test_bad_preset_method_or_missing_calibration(fp32_onnx, tmp_path, calibrati
 def test_torch_stays_at_the_pinned_version():
     """nvidia-modelopt and its dependencies must not replace the torch this project pins."""
     assert torch.__version__.split("+")[0] == "2.14.1"
+
+
+def test_fp16_vit_loads_and_matches(tmp_path):
+    """The attention scale's Cast in timm ViTs broke onnxconverter-common's fp16 graphs."""
+    import timm
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, in_chans=1,
+                            img_size=32, patch_size=8).eval()
+    fp32 = export_onnx(vit, torch.rand(2, 1, 32, 32), tmp_path / "vit.onnx")
+    result = quantize("fp16", fp32, tmp_path / "vit.fp16.onnx")
+    x = np.random.default_rng(0).random((4, 1, 32, 32), dtype=np.float32)
+    np.testing.assert_allclose(onnx_logits(result.path, x), onnx_logits(fp32, x), atol=1e-2)

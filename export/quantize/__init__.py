@@ -15,7 +15,7 @@ preset              layout                                                      
                     symmetric int8 weights, *unsigned* int8 activations with a
                     zero point (symmetric activations leave ReLUs in float and
                     run slower than fp32 on CPU)
-``fp16``            weights and activations fp16, inputs/outputs stay fp32      onnxconverter-common
+``fp16``            weights and activations fp16, inputs/outputs stay fp32      onnxruntime float16
 ==================  ==========================================================  ===============
 
 medkd writes no quantizer of its own: each mode module only chooses a well-kept library's
