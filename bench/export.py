@@ -42,7 +42,6 @@ import shlex
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +53,7 @@ from medkd.export.onnx_export import export_onnx
 from medkd.export.profile import available_cpus, profile_onnx_matrix
 from medkd.export.quantize import quantize
 from medkd.recipes import build_recipe
+from medkd.toolchain.report import collect_versions
 from medkd.toolchain.config import load_config
 from medkd.toolchain.data import load_task
 from medkd.toolchain.models.students import build_student, count_parameters
@@ -138,13 +138,7 @@ def cpu_info() -> dict:
 
 
 def versions() -> dict:
-    out = {"python": platform.python_version()}
-    for package in VERSION_PACKAGES:
-        try:
-            out[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            out[package] = None
-    return out
+    return collect_versions(VERSION_PACKAGES)
 
 
 def load_average() -> list[float] | None:

@@ -74,10 +74,10 @@ NA = "n/a"
 _VERSION_PACKAGES = ("torch", "onnxruntime", "onnx", "timm", "medkd")
 
 
-def collect_versions() -> dict[str, str]:
+def collect_versions(packages=_VERSION_PACKAGES) -> dict[str, str]:
     """Versions of python and the packages that determine the results."""
     out = {"python": platform.python_version()}
-    for pkg in _VERSION_PACKAGES:
+    for pkg in packages:
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
