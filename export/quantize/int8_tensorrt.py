@@ -20,6 +20,7 @@ import contextlib
 from pathlib import Path
 
 import numpy as np
+
 from medkd.toolchain.atomic import atomic_path
 
 from ._common import input_name, library_version, ort_qdq, quiet_libraries
