@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+
 from medkd.toolchain.atomic import atomic_path
 
 from ._common import library_version, ort_qdq, quiet_libraries
