@@ -25,7 +25,6 @@ malformed or of the wrong kind is a :class:`UserError` naming the file and what 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -36,6 +35,8 @@ from typing import Any
 import numpy as np
 
 from medkd.toolchain.errors import UserError
+
+from .tensorrt import sha256_file
 
 __all__ = [
     "TIMES",
@@ -134,11 +135,7 @@ def _number(value: Any, path: PathLike, where: str) -> float:
 
 def _file_ref(path: PathLike) -> dict:
     """Name and sha256 of a source file, so the report says exactly what it was built from."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return {"name": Path(path).name, "sha256": digest.hexdigest()}
+    return {"name": Path(path).name, "sha256": sha256_file(path)}
 
 
 # ------------------------------------------------------------------------------- times

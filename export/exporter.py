@@ -13,7 +13,6 @@ and only reported.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -35,6 +34,9 @@ from .onnx_export import export_onnx
 from .parity import onnx_parity
 from .plan import ExportPlan
 from .quantize import quantize
+from . import bundle as bundle_module
+from . import tensorrt as trt_module
+from .tensorrt import sha256_file
 
 
 @dataclass
@@ -71,14 +73,6 @@ def output_name(model: str, fmt: str) -> str:
     if fmt == "bundle":
         return "bundle" if model == "model" else f"bundle-{model}"
     return model + FORMATS[fmt].suffix
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class ModelExporter:
@@ -181,14 +175,10 @@ class ModelExporter:
                 f"{len(guard.kept_high_precision)} layer(s) kept in high precision")
 
     def builder_settings(self, tensorrt_version: str):
-        from . import tensorrt as trt_module
-
         return trt_module.builder_settings(tensorrt_version, self.target, self.deployed_precision,
                                            self.data.input_shape, self.cfg.get("dla_core"))
 
     def export_tensorrt(self) -> str:
-        from . import tensorrt as trt_module
-
         unavailable = trt_module.tensorrt_available()
         if unavailable is None:
             unavailable = trt_module.gpu_mismatch(self.target)
@@ -205,8 +195,6 @@ class ModelExporter:
         return f"{engine.name} ({settings.precision}, TensorRT {tensorrt.__version__})"
 
     def export_bundle(self) -> str:
-        from . import bundle as bundle_module
-
         settings = self.builder_settings(self.target["tensorrt_version"])
         bundle_dir = self.path_for("bundle")
         info = bundle_module.write_bundle(bundle_dir, self.deployed_file, settings, self.manifest_extra())
@@ -236,7 +224,7 @@ class ModelExporter:
             "target": self.target["name"],
             "precision": self.deployed_precision,
             "payload": self.deployed_file.name,
-            "payload_sha256": file_sha256(self.deployed_file),
+            "payload_sha256": sha256_file(self.deployed_file),
             "input_shape": ["batch", *self.data.input_shape],
             "preprocessing": self.data.preprocessing,
             "class_names": list(self.data.class_names),
