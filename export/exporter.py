@@ -14,7 +14,6 @@ and only reported.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from torch import nn
 
 from medkd.toolchain.atomic import atomic_write_text
 from medkd.toolchain.errors import UserError
+from medkd.toolchain.progress import StageTimer, as_policy
 
 from .evaluate import Metric, compare, onnx_logits
 from .firmware import write_firmware_blob
@@ -79,12 +79,13 @@ class ModelExporter:
     """Exports one deployable for one target according to a plan."""
 
     def __init__(self, run_dir: Path, target: dict, export_cfg: dict, plan: ExportPlan,
-                 deployable: Deployable, data: ExportData, log=print):
+                 deployable: Deployable, data: ExportData, log=print, progress=None):
         self.run_dir, self.target, self.cfg, self.plan = run_dir, target, export_cfg, plan
         self.deployable, self.data, self.log = deployable, data, log
+        self.progress = as_policy(progress)
         self.onnx: dict[str, Path] = {}  # precision -> ONNX file
         self.results: dict[str, dict] = {}  # format -> what it produced
-        self.stage_seconds: dict[str, float] = {}
+        self.stages = StageTimer(log, prefix=f"export {deployable.name}", digits=2)
         self.deployed_precision: str | None = None
         self.deployed_file: Path | None = None
         self._validation_logits: np.ndarray | None = None
@@ -93,10 +94,10 @@ class ModelExporter:
 
     def run(self) -> dict:
         for name in self.plan.formats:
-            started = time.perf_counter()
-            summary = getattr(self, "export_" + name.replace("-", "_"))()
-            self.stage_seconds[name] = round(time.perf_counter() - started, 2)
-            self.log(f"export {self.deployable.name} [{name}]: {summary} ({self.stage_seconds[name]:.1f} s)")
+            # Calibration, the guard's search and engine builds report no progress of their own.
+            with self.stages(name), self.progress.heartbeat(f"export {self.deployable.name} [{name}]"):
+                summary = getattr(self, "export_" + name.replace("-", "_"))()
+            self.log(f"export {self.deployable.name} [{name}]: {summary}")
         return self.summary()
 
     def path_for(self, fmt: str) -> Path:
@@ -255,5 +256,5 @@ class ModelExporter:
             "validation_images": len(self.data.validation_labels),
             "calibration_images": len(self.data.calibration),
             "formats": self.results,
-            "stage_seconds": self.stage_seconds,
+            "stage_seconds": self.stages.seconds,
         }

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from medkd.toolchain.errors import UserError
+from medkd.toolchain.progress import as_policy
 
 __all__ = ["profile_onnx_cpu", "profile_onnx_matrix", "available_cpus"]
 
@@ -90,19 +90,21 @@ def _check_model_input(sess, shape_chw: tuple[int, ...], batch_sizes: Sequence[i
         )
 
 
-def _time_runs(sess, shape: tuple[int, ...], warmup: int, runs: int, desc: str, progress: bool | None):
+def _time_runs(sess, shape: tuple[int, ...], warmup: int, runs: int, bar):
     """Per-run wall times (ms) of `runs` inferences on one fixed input of `shape`, after
-    `warmup` untimed ones; also the shape of the first output (proof of the batch fed)."""
+    `warmup` untimed ones; also the shape of the first output (proof of the batch fed).
+    `bar` (a progress bar, see medkd.toolchain.progress) advances by one per timed run."""
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     feed = {sess.get_inputs()[0].name: x}
     for _ in range(warmup):
         sess.run(None, feed)
     times_ms = np.empty(runs, dtype=np.float64)
     out = None
-    for i in tqdm(range(runs), desc=desc, unit="run", disable=None if progress is None else not progress, leave=False):
+    for i in range(runs):
         t0 = time.perf_counter()
         out = sess.run(None, feed)
         times_ms[i] = (time.perf_counter() - t0) * 1e3
+        bar.update(1)
     return times_ms, list(out[0].shape)
 
 
@@ -125,12 +127,12 @@ def profile_onnx_cpu(
     runs: int = 100,
     threads: int | None = None,
     *,
-    progress: bool | None = None,
+    progress=None,
 ) -> dict:
     """Time `runs` batch-1 inferences (after `warmup` untimed ones) of an ONNX model.
 
-    `input_shape` is ``(C, H, W)`` or ``(1, C, H, W)``. `progress`: show a tqdm bar
-    (None = only when stderr is a terminal). Returns ``p50_ms, p90_ms, p99_ms, mean_ms,
+    `input_shape` is ``(C, H, W)`` or ``(1, C, H, W)``. `progress`: a ProgressPolicy or
+    the config's progress value (medkd.toolchain.progress). Returns ``p50_ms, p90_ms, p99_ms, mean_ms,
     min_ms, max_ms, runs, warmup, threads, provider, batch_size, input_shape,
     onnxruntime_version, session_options``.
     """
@@ -147,7 +149,8 @@ def profile_onnx_cpu(
 
     sess = _open_session(onnx_path, threads)
     _check_model_input(sess, shape[1:], (1,))
-    times_ms, _ = _time_runs(sess, shape, warmup, runs, f"latency {onnx_path.name}", progress)
+    with as_policy(progress).bar(total=runs, desc=f"latency {onnx_path.name}", unit="run") as bar:
+        times_ms, _ = _time_runs(sess, shape, warmup, runs, bar)
     return {
         **_latency_stats(times_ms),
         "runs": runs,
@@ -177,8 +180,9 @@ def profile_onnx_matrix(
     warmup: int = 10,
     runs: int = 100,
     *,
-    progress: bool | None = None,
+    progress=None,
     keep_times: bool = False,
+    bar=None,
 ) -> list[dict]:
     """CPU latency for every (batch size, thread count): one row per pair, threads-major.
 
@@ -189,6 +193,8 @@ def profile_onnx_matrix(
     ``throughput_ips`` (images/s = batch / mean seconds), ``runs, warmup, input_shape,
     output_shape, provider``. With ``keep_times=True`` each row also has ``times_ms``,
     the raw per-run times as a numpy array (for plots; drop it before writing JSON).
+    `bar`: an open progress bar to advance (one bar across several models); else one is
+    made from `progress` (see medkd.toolchain.progress).
     """
     onnx_path = Path(onnx_path)
     shape_chw = tuple(int(d) for d in input_shape_chw)
@@ -200,14 +206,21 @@ def profile_onnx_matrix(
     thread_counts = list(dict.fromkeys(_resolve_threads(t) for t in threads))
     _check_counts(runs, warmup)
 
+    if bar is None:
+        total = len(thread_counts) * len(batches) * runs
+        with as_policy(progress).bar(total=total, desc=f"latency {onnx_path.name}", unit="run") as own_bar:
+            return _profile_matrix(onnx_path, shape_chw, batches, thread_counts, warmup, runs, keep_times, own_bar)
+    return _profile_matrix(onnx_path, shape_chw, batches, thread_counts, warmup, runs, keep_times, bar)
+
+
+def _profile_matrix(onnx_path: Path, shape_chw, batches, thread_counts, warmup, runs, keep_times, bar) -> list[dict]:
     rows = []
     for n_threads in thread_counts:
         sess = _open_session(onnx_path, n_threads)  # session creation is slow: reuse across batches
         _check_model_input(sess, shape_chw, batches)
         for batch in batches:
             shape = (batch, *shape_chw)
-            desc = f"latency {onnx_path.name} b{batch} t{n_threads}"
-            times_ms, out_shape = _time_runs(sess, shape, warmup, runs, desc, progress)
+            times_ms, out_shape = _time_runs(sess, shape, warmup, runs, bar)
             stats = _latency_stats(times_ms)
             row = {
                 "batch_size": batch,

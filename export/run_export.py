@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from dataclasses import asdict
 from pathlib import Path
+
+from medkd.toolchain.progress import as_policy
 
 from .exporter import Deployable, ExportData, ModelExporter, output_name
 from .formats import FORMATS
@@ -48,14 +49,20 @@ def profile_latency(onnx_files: dict[str, Path], input_shape, export_cfg: dict, 
     """ONNX Runtime CPU latency matrix per precision, plus batch-1 raw times for the plot."""
     threads = [t or None for t in export_cfg["latency_threads"]]  # 0 = all CPUs
     rows, batch1_times = {}, {}
-    for precision, path in onnx_files.items():
-        matrix = profile_onnx_matrix(path, input_shape, batch_sizes=export_cfg["latency_batches"], threads=threads,
-                                     warmup=export_cfg["latency_warmup"], runs=export_cfg["latency_runs"],
-                                     progress=progress, keep_times=True)
-        batch1 = [r for r in matrix if r["batch_size"] == min(export_cfg["latency_batches"])]
-        batch1_times[precision] = max(batch1, key=lambda r: r["threads"])["times_ms"]
-        rows[precision] = [{k: v for k, v in r.items() if k != "times_ms"} for r in matrix]
+    timed_runs = len(onnx_files) * len(export_cfg["latency_batches"]) * len(threads) * export_cfg["latency_runs"]
+    with as_policy(progress).bar(total=timed_runs, desc="latency", unit="run") as bar:  # one bar, every precision
+        for precision, path in onnx_files.items():
+            rows[precision], batch1_times[precision] = _profile_one(path, input_shape, export_cfg, threads, bar)
     return rows, batch1_times
+
+
+def _profile_one(path: Path, input_shape, export_cfg: dict, threads, bar) -> tuple[list[dict], list]:
+    matrix = profile_onnx_matrix(path, input_shape, batch_sizes=export_cfg["latency_batches"], threads=threads,
+                                 warmup=export_cfg["latency_warmup"], runs=export_cfg["latency_runs"],
+                                 keep_times=True, bar=bar)
+    batch1 = [r for r in matrix if r["batch_size"] == min(export_cfg["latency_batches"])]
+    batch1_times = max(batch1, key=lambda r: r["threads"])["times_ms"]
+    return [{k: v for k, v in r.items() if k != "times_ms"} for r in matrix], batch1_times
 
 
 def plot_model(staging: Path, model: str, summary: dict, latency: dict, batch1_times: dict, size_of) -> list[str]:
@@ -83,14 +90,13 @@ def export_deployables(run_dir: Path, target: dict, export_cfg: dict, plan: Expo
     try:
         models = {}
         for deployable in deployables:
-            exporter = ModelExporter(staging, target, export_cfg, plan, deployable, data, log)
+            exporter = ModelExporter(staging, target, export_cfg, plan, deployable, data, log, progress)
             summary = exporter.run()
-            started = time.perf_counter()
-            latency, batch1_times = profile_latency(exporter.onnx, data.input_shape, export_cfg, progress)
-            summary["latency"] = latency
-            summary["plots"] = plot_model(staging, deployable.name, summary, latency, batch1_times,
-                                          lambda p: exporter.onnx[p].stat().st_size)
-            summary["stage_seconds"]["latency+plots"] = round(time.perf_counter() - started, 2)
+            with exporter.stages("latency+plots"):
+                latency, batch1_times = profile_latency(exporter.onnx, data.input_shape, export_cfg, progress)
+                summary["latency"] = latency
+                summary["plots"] = plot_model(staging, deployable.name, summary, latency, batch1_times,
+                                              lambda p: exporter.onnx[p].stat().st_size)
             models[deployable.name] = summary
         publish(staging, run_dir, [d.name for d in deployables])
     except BaseException:

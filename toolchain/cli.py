@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import textwrap
 
 from .config import GROUPS, group_options
 from .errors import ConfigError, UserError
@@ -10,21 +11,18 @@ from .errors import ConfigError, UserError
 USAGE = """\
 usage: medkd-build [key=value ...]
 
-Distil a frozen medical foundation model into a small student, export it to ONNX and
-profile it for a deployment target. Config groups (pick one file each):
+Distil a frozen medical foundation model into a small student, export it for a deployment
+target and profile it. Every key below is generated from toolchain/conf/*.yaml (defaults
+shown), so this list is exactly what the config accepts.
+
+Config groups (pick one file each; it sets the GROUP.KEY keys listed further down):
 {groups}
-Common keys (defaults in parentheses):
-  run_dir=PATH              where artifacts go (runs/<recipe>-<data>-<student>-<target>)
-  resume=true               continue an interrupted run from its last epoch
-  overwrite=true            replace an existing run in run_dir
-  seed=INT (0)   threads=INT   progress=auto|true|false
-  train.epochs=INT (12)  train.batch_size=INT (128)  train.lr=FLOAT (0.002)
-  data.path=PATH  data.image_size=INT  data.max_train=INT  data.max_test=INT
-  data.train_fraction=FLOAT (1.0, e.g. 0.1 for the data-scarce setting)
-  data.unlabelled_transfer=BOOL (true: kd/rd distil on the images whose labels were withheld)
-  teacher.checkpoint=FILE  teacher.arch=TIMM_NAME  student.pretrained_checkpoint=FILE
-Export keys (defaults from conf/config.yaml; the target sets precision and formats):
-{export_keys}
+Keys:
+{main_keys}
+
+Keys each group option sets (override as GROUP.KEY=VALUE after choosing the option):
+{group_keys}
+
 Export formats (a target's `formats:` list; export.formats=[...] overrides it):
 {formats}
 
@@ -36,23 +34,22 @@ Re-export a finished run for another target: medkd-export RUN_DIR target=NAME [e
 """
 
 
-def _flatten(prefix: str, node) -> list[tuple[str, object]]:
-    if isinstance(node, dict):
-        return [item for key, value in node.items() for item in _flatten(f"{prefix}.{key}", value)]
-    return [(prefix, node)]
-
-
 def usage() -> str:
-    from omegaconf import OmegaConf
-
     from medkd.export.formats import format_table
 
-    from .config import load_config
+    from .config import CONF_DIR
+    from .config_help import WIDTH, file_description, group_keys, main_keys
 
-    lines = "".join(f"  {g + '=':<10}{' | '.join(group_options(g))}\n" for g in GROUPS)
-    defaults = _flatten("export", OmegaConf.to_container(load_config([]).export))
-    export_keys = "\n".join(f"  {key}={'null' if value is None else value}" for key, value in defaults)
-    return USAGE.format(groups=lines, export_keys=export_keys, formats=format_table())
+    groups = "".join(f"  {g + '=':<10}{' | '.join(group_options(g))}\n" for g in GROUPS)
+    sections = []
+    for group in GROUPS:
+        for option in group_options(group):
+            description = file_description(CONF_DIR / group / f"{option}.yaml")
+            sections += textwrap.wrap(f"{group}={option}" + (f": {description}" if description else ""),
+                                      WIDTH, initial_indent="  ", subsequent_indent="      ")
+            sections += group_keys(CONF_DIR, group, option)
+    return USAGE.format(groups=groups, main_keys="\n".join(main_keys(CONF_DIR, GROUPS)),
+                        group_keys="\n".join(sections), formats=format_table())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -86,6 +86,7 @@ def check_values(cfg: DictConfig) -> None:
             raise ConfigError(f"{flag} must be true or false, got '{cfg[flag]}'")
     if cfg.progress not in ("auto", True, False):
         raise ConfigError(f"progress must be auto, true or false, got '{cfg.progress}'")
+    _positive_number(cfg.progress_interval, "progress_interval")
 
 
 def _positive_int(value, key: str) -> None:

@@ -13,7 +13,6 @@ file, wrong shape/dtype, non-finite values) is recomputed with a warning.
 from __future__ import annotations
 
 import hashlib
-import sys
 import warnings
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 
 from .atomic import atomic_save
+from .progress import as_policy
 
 FEATURES_KEY = "features"
 
@@ -36,12 +36,6 @@ def images_digest(images: torch.Tensor) -> str:
 
 def cache_path(teacher: nn.Module, images: torch.Tensor, cache_dir: str | Path) -> Path:
     return Path(cache_dir) / f"{teacher.fingerprint}-{images_digest(images)}.safetensors"
-
-
-def _show_progress(progress) -> bool:
-    if progress in (None, "auto"):
-        return bool(getattr(sys.stderr, "isatty", lambda: False)())
-    return bool(progress)
 
 
 def _load_cached(path: Path, n: int, dim: int) -> torch.Tensor | None:
@@ -65,8 +59,6 @@ def _load_cached(path: Path, n: int, dim: int) -> torch.Tensor | None:
 
 @torch.no_grad()
 def _extract(teacher: nn.Module, images: torch.Tensor, batch_size: int, desc: str, progress) -> torch.Tensor:
-    from tqdm.auto import tqdm
-
     teacher.eval()
     try:
         device = next(teacher.parameters()).device
@@ -74,7 +66,7 @@ def _extract(teacher: nn.Module, images: torch.Tensor, batch_size: int, desc: st
         device = torch.device("cpu")
     n = images.shape[0]
     out = torch.empty(n, teacher.feature_dim, dtype=torch.float32)
-    with tqdm(total=n, desc=desc, unit="img", disable=not _show_progress(progress), leave=False) as bar:
+    with as_policy(progress).bar(total=n, desc=desc, unit="img") as bar:
         for start in range(0, n, batch_size):
             batch = images[start : start + batch_size].to(device)
             out[start : start + batch.shape[0]] = teacher(batch).float().cpu()
@@ -93,8 +85,8 @@ def teacher_features(
     """Teacher features (N x teacher.feature_dim, float32, CPU) for images N x C x H x W.
 
     With `cache_dir`, a previous result for the same teacher fingerprint and the same
-    image bytes is loaded instead of running the teacher. `progress`: True/False, or
-    "auto"/None = show a bar only when stderr is a terminal.
+    image bytes is loaded instead of running the teacher. `progress`: a ProgressPolicy,
+    True/False, or "auto"/None (a bar on a terminal, periodic lines elsewhere).
     """
     if images.ndim != 4:
         raise ValueError(f"images must be N x C x H x W, got shape {tuple(images.shape)}")
