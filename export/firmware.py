@@ -5,27 +5,36 @@ engine) into a small versioned container that firmware links in as a read-only b
 array and validates before use; the C side lives in ``runtime/medkd_blob.{h,c}``
 (portable C99, no dependencies). `read_firmware_blob` is the Python reader/validator.
 
-Container layout (format version 1, all integers little-endian, header = 48 bytes):
+Container layout (format version 2, all integers little-endian, header = 48 bytes):
 
 ==========  ======  ==========  ===============================================
 offset      size    type        field
 ==========  ======  ==========  ===============================================
 0           4       char[4]     magic ``b"MKDB"``
-4           2       u16         format version (= 1)
+4           2       u16         format version (= 2)
 6           2       u16         kind code: 1 = ``onnx``, 2 = ``tensorrt-engine``
 8           4       u32         header size in bytes (= 48; payload starts here)
-12          4       u32         flags (reserved, 0; readers ignore it)
-16          8       u64         payload size in bytes (unpadded)
+12          4       u32         flags (none defined yet: must be 0)
+16          8       u64         payload size in bytes (unpadded, > 0)
 24          4       u32         CRC-32 of the payload (``zlib.crc32``, IEEE 802.3)
-28          4       u32         reserved (0)
-32          16      u8[16]      first 16 bytes of the payload's SHA-256
+28          16      u8[16]      first 16 bytes of the payload's SHA-256
+44          4       u32         CRC-32 of header bytes 0..43
 48          n       u8[n]       payload (the model file, byte for byte)
 48 + n      0..15   u8[]        zero padding: the container size is a multiple of 16
 ==========  ======  ==========  ===============================================
 
-The header size is a multiple of 16, so a 16-byte aligned container has a 16-byte
-aligned payload (both linkable forms below align the container to 16). Readers accept a
-larger header size (future fields) as long as it is a multiple of 16 and fits.
+Version 1 (no header CRC, SHA-256 prefix at 32, flags and trailing bytes ignored) is no
+longer read: readers reject every version they do not know, so a change of layout always
+comes with a new version. The header is 48 bytes, a multiple of 16, so a 16-byte aligned
+container has a 16-byte aligned payload (both linkable forms below align it to 16).
+
+Both readers - `read_firmware_blob` here and ``medkd_blob_open`` in C - make the same
+checks in the same order, and a container passes only if every byte is accounted for:
+size >= 48, magic, version, header CRC, header size, flags, kind, payload size (non-zero,
+inside the file), exact container size with zero padding (no trailing bytes), payload
+CRC-32, payload SHA-256 prefix. Magic and version come before the header CRC because they
+say which layout the rest of the header has. ``tests/test_firmware_fuzz.py`` checks that
+the two readers agree on every input of a sanitizer-instrumented fuzz run.
 
 Files written by `write_firmware_blob` into ``out_dir``:
 
@@ -59,20 +68,25 @@ from medkd.toolchain.atomic import atomic_path, atomic_save, atomic_write_text
 from medkd.toolchain.errors import UserError
 
 __all__ = [
+    "BLOB_CHECKS",
     "FORMAT_VERSION",
     "HEADER_SIZE",
     "KIND_CODES",
     "MAGIC",
+    "FirmwareBlobError",
+    "parse_firmware_blob",
     "read_firmware_blob",
     "write_firmware_blob",
 ]
 
 MAGIC = b"MKDB"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 ALIGN = 16
-# magic, version, kind, header_size, flags, payload_size, crc32, reserved, sha256[:16]
-_HEADER = struct.Struct("<4sHHIIQII16s")
-HEADER_SIZE = _HEADER.size  # 48
+# magic, version, kind, header_size, flags, payload_size, crc32, sha256[:16]; then the
+# header's own CRC-32 over these 44 bytes
+_HEADER_FIELDS = struct.Struct("<4sHHIIQI16s")
+_HEADER_CRC = struct.Struct("<I")
+HEADER_SIZE = _HEADER_FIELDS.size + _HEADER_CRC.size  # 48
 assert HEADER_SIZE == 48 and HEADER_SIZE % ALIGN == 0
 
 KIND_CODES: dict[str, int] = {"onnx": 1, "tensorrt-engine": 2}
@@ -279,7 +293,8 @@ def write_firmware_blob(
 
     crc = zlib.crc32(payload) & 0xFFFFFFFF
     sha = hashlib.sha256(payload).digest()
-    header = _HEADER.pack(MAGIC, FORMAT_VERSION, KIND_CODES[kind], HEADER_SIZE, 0, len(payload), crc, 0, sha[:16])
+    fields = _HEADER_FIELDS.pack(MAGIC, FORMAT_VERSION, KIND_CODES[kind], HEADER_SIZE, 0, len(payload), crc, sha[:16])
+    header = fields + _HEADER_CRC.pack(zlib.crc32(fields))
     container = header + payload + b"\0" * _padding(HEADER_SIZE + len(payload))
 
     out_dir = Path(out_dir)
@@ -314,40 +329,66 @@ def write_firmware_blob(
     }
 
 
-def read_firmware_blob(path: str | os.PathLike) -> tuple[dict[str, Any], bytes]:
-    """Read and validate a ``.bin`` container; return ``(header, payload)``.
+class FirmwareBlobError(UserError):
+    """A container that fails validation. ``check`` names the failed check, one of
+    `BLOB_CHECKS` (the C reader's ``MEDKD_BLOB_E*`` codes, in the order both readers
+    make them)."""
 
-    Raises `UserError` if the file is missing, truncated, has a wrong magic/version/kind
-    or header size, or its payload fails the CRC-32 or SHA-256 check.
+    def __init__(self, message: str, check: str):
+        super().__init__(message)
+        self.check = check
+
+
+BLOB_CHECKS = ("truncated", "magic", "version", "header-crc", "header-size", "flags", "kind",
+               "payload-size", "trailing", "crc", "sha256")
+
+
+def parse_firmware_blob(data: bytes, name: str = "firmware blob") -> tuple[dict[str, Any], bytes]:
+    """Validate the container `data` (checks and their order: module doc); return
+    ``(header, payload)``. `name` starts every error message (e.g. the file's path).
+
+    Raises `FirmwareBlobError` (a `UserError`) naming the first check that failed.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"firmware blob not found: {path}")
-    data = path.read_bytes()
     if len(data) < HEADER_SIZE:
-        raise UserError(f"firmware blob {path} is truncated: {len(data)} bytes < {HEADER_SIZE}-byte header")
-    magic, version, kind_code, header_size, flags, payload_size, crc, _reserved, sha16 = _HEADER.unpack_from(data)
-    if magic != MAGIC:
-        raise UserError(f"{path} is not a medkd firmware blob (magic {magic!r}, expected {MAGIC!r})")
+        raise FirmwareBlobError(f"{name} is truncated: {len(data)} bytes < {HEADER_SIZE}-byte header", "truncated")
+    if data[:4] != MAGIC:
+        raise FirmwareBlobError(f"{name} is not a medkd firmware blob (magic {data[:4]!r}, expected {MAGIC!r})",
+                                "magic")
+    version = int.from_bytes(data[4:6], "little")
     if version != FORMAT_VERSION:
-        raise UserError(f"firmware blob {path} has unsupported format version {version} (expected {FORMAT_VERSION})")
+        raise FirmwareBlobError(
+            f"{name} has MKDB format version {version}, but this medkd reads version {FORMAT_VERSION} only: "
+            f"rebuild the firmware container with this medkd", "version")
+    fields = data[: _HEADER_FIELDS.size]
+    (header_crc,) = _HEADER_CRC.unpack_from(data, _HEADER_FIELDS.size)
+    if zlib.crc32(fields) != header_crc:
+        raise FirmwareBlobError(f"{name} is corrupt: header CRC-32 0x{zlib.crc32(fields):08x} != stored "
+                                f"0x{header_crc:08x}", "header-crc")
+    _magic, _version, kind_code, header_size, flags, payload_size, crc, sha16 = _HEADER_FIELDS.unpack(fields)
+    if header_size != HEADER_SIZE:
+        raise FirmwareBlobError(f"{name} has invalid header size {header_size} (expected {HEADER_SIZE})",
+                                "header-size")
+    if flags:
+        raise FirmwareBlobError(f"{name} has unknown header flags 0x{flags:08x} (none are defined)", "flags")
     if kind_code not in _KIND_NAMES:
-        raise UserError(f"firmware blob {path} has unknown kind code {kind_code}")
-    if header_size < HEADER_SIZE or header_size % ALIGN:
-        raise UserError(f"firmware blob {path} has invalid header size {header_size}")
-    if header_size + payload_size > len(data):
-        raise UserError(
-            f"firmware blob {path} is truncated: header says {payload_size} payload bytes, "
-            f"file has {max(0, len(data) - header_size)}"
-        )
-    payload = data[header_size : header_size + payload_size]
-    actual_crc = zlib.crc32(payload) & 0xFFFFFFFF
+        raise FirmwareBlobError(f"{name} has unknown kind code {kind_code}", "kind")
+    if payload_size == 0:
+        raise FirmwareBlobError(f"{name} has an empty payload", "payload-size")
+    if payload_size > len(data) - HEADER_SIZE:
+        raise FirmwareBlobError(f"{name} is truncated: header says {payload_size} payload bytes, "
+                                f"file has {len(data) - HEADER_SIZE}", "payload-size")
+    end = HEADER_SIZE + payload_size
+    if len(data) != end + _padding(end) or any(data[end:]):
+        raise FirmwareBlobError(f"{name} has {len(data) - end} bytes after its payload; expected "
+                                f"{_padding(end)} zero padding bytes", "trailing")
+    payload = data[HEADER_SIZE:end]
+    actual_crc = zlib.crc32(payload)
     if actual_crc != crc:
-        raise UserError(f"firmware blob {path} is corrupt: payload CRC-32 0x{actual_crc:08x} != header 0x{crc:08x}")
+        raise FirmwareBlobError(f"{name} is corrupt: payload CRC-32 0x{actual_crc:08x} != header 0x{crc:08x}", "crc")
     if hashlib.sha256(payload).digest()[:16] != sha16:
-        raise UserError(f"firmware blob {path} is corrupt: payload SHA-256 does not match the header")
+        raise FirmwareBlobError(f"{name} is corrupt: payload SHA-256 does not match the header", "sha256")
     header = {
-        "magic": magic.decode("ascii"),
+        "magic": MAGIC.decode("ascii"),
         "format_version": version,
         "kind": _KIND_NAMES[kind_code],
         "kind_code": kind_code,
@@ -356,6 +397,19 @@ def read_firmware_blob(path: str | os.PathLike) -> tuple[dict[str, Any], bytes]:
         "payload_size": payload_size,
         "crc32": crc,
         "sha256_prefix": sha16.hex(),
+        "header_crc32": header_crc,
         "container_size": len(data),
     }
     return header, payload
+
+
+def read_firmware_blob(path: str | os.PathLike) -> tuple[dict[str, Any], bytes]:
+    """Read and validate the ``.bin`` container at `path`; return ``(header, payload)``.
+
+    Raises `UserError` if the file is missing, or `FirmwareBlobError` (a `UserError`)
+    if it fails any check of `parse_firmware_blob`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"firmware blob not found: {path}")
+    return parse_firmware_blob(path.read_bytes(), f"firmware blob {path}")

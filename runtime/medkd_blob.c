@@ -1,7 +1,10 @@
 /* medkd_blob: MKDB container validation. See medkd_blob.h for the layout. */
 #include "medkd_blob.h"
+#include "medkd_sha256.h"
 
 #include <string.h>
+
+#define HEADER_CRC_OFFSET 44u /* the header CRC covers bytes [0, 44) */
 
 static uint32_t rd_u16(const unsigned char *p) { return (uint32_t)p[0] | ((uint32_t)p[1] << 8); }
 
@@ -29,29 +32,42 @@ uint32_t medkd_blob_crc32(uint32_t crc, const unsigned char *data, size_t size) 
 }
 
 int medkd_blob_open(const unsigned char *data, size_t size, medkd_blob *out) {
-    uint32_t version, kind, header_size, crc;
+    uint32_t version, kind, header_size, flags, crc;
     uint64_t payload_size;
+    size_t end, padding, i;
+    unsigned char digest[MEDKD_SHA256_DIGEST_SIZE];
 
     if (data == NULL || out == NULL) return MEDKD_BLOB_EARG;
     if (size < MEDKD_BLOB_HEADER_SIZE) return MEDKD_BLOB_ETRUNC;
     if (memcmp(data, MEDKD_BLOB_MAGIC, 4) != 0) return MEDKD_BLOB_EMAGIC;
     version = rd_u16(data + 4);
     if (version != MEDKD_BLOB_FORMAT_VERSION) return MEDKD_BLOB_EVERSION;
+    /* From here on every header field is trusted only after the header CRC matched. */
+    if (medkd_blob_crc32(0, data, HEADER_CRC_OFFSET) != rd_u32(data + HEADER_CRC_OFFSET)) return MEDKD_BLOB_EHCRC;
     kind = rd_u16(data + 6);
     header_size = rd_u32(data + 8);
+    flags = rd_u32(data + 12);
     payload_size = rd_u64(data + 16);
     crc = rd_u32(data + 24);
-    if (header_size < MEDKD_BLOB_HEADER_SIZE || header_size % 16u != 0 || header_size > size)
-        return MEDKD_BLOB_EHEADER;
-    if (payload_size > (uint64_t)(size - header_size)) return MEDKD_BLOB_ESIZE;
+    if (header_size != MEDKD_BLOB_HEADER_SIZE) return MEDKD_BLOB_EHEADER;
+    if (flags != 0) return MEDKD_BLOB_EFLAGS;
     if (kind != MEDKD_BLOB_KIND_ONNX && kind != MEDKD_BLOB_KIND_TENSORRT_ENGINE) return MEDKD_BLOB_EKIND;
-    if (medkd_blob_crc32(0, data + header_size, (size_t)payload_size) != crc) return MEDKD_BLOB_ECRC;
+    if (payload_size == 0 || payload_size > (uint64_t)(size - MEDKD_BLOB_HEADER_SIZE)) return MEDKD_BLOB_ESIZE;
+    end = MEDKD_BLOB_HEADER_SIZE + (size_t)payload_size; /* <= size: no overflow */
+    padding = (16u - end % 16u) % 16u;
+    if (size - end != padding) return MEDKD_BLOB_ETRAIL;
+    for (i = end; i < size; ++i)
+        if (data[i] != 0) return MEDKD_BLOB_ETRAIL;
+    if (medkd_blob_crc32(0, data + MEDKD_BLOB_HEADER_SIZE, (size_t)payload_size) != crc) return MEDKD_BLOB_ECRC;
+    medkd_sha256(data + MEDKD_BLOB_HEADER_SIZE, (size_t)payload_size, digest);
+    if (memcmp(digest, data + 28, MEDKD_BLOB_SHA256_PREFIX_SIZE) != 0) return MEDKD_BLOB_ESHA256;
 
     out->kind = kind;
     out->version = version;
-    out->payload = data + header_size;
+    out->payload = data + MEDKD_BLOB_HEADER_SIZE;
     out->payload_size = (size_t)payload_size;
     out->crc32 = crc;
+    memcpy(out->sha256_prefix, data + 28, MEDKD_BLOB_SHA256_PREFIX_SIZE);
     return MEDKD_BLOB_OK;
 }
 
@@ -61,11 +77,15 @@ const char *medkd_blob_strerror(int code) {
     case MEDKD_BLOB_EARG: return "invalid argument (NULL pointer)";
     case MEDKD_BLOB_ETRUNC: return "truncated: buffer smaller than the MKDB header";
     case MEDKD_BLOB_EMAGIC: return "bad magic: not a medkd MKDB container";
-    case MEDKD_BLOB_EVERSION: return "unsupported MKDB format version";
-    case MEDKD_BLOB_EHEADER: return "invalid MKDB header size";
-    case MEDKD_BLOB_ESIZE: return "truncated: payload extends past the end of the buffer";
+    case MEDKD_BLOB_EVERSION: return "unsupported MKDB format version (this runtime reads version 2)";
+    case MEDKD_BLOB_EHEADER: return "invalid MKDB header size (expected 48)";
+    case MEDKD_BLOB_ESIZE: return "truncated or empty: payload size is 0 or extends past the end of the buffer";
     case MEDKD_BLOB_EKIND: return "unknown payload kind";
     case MEDKD_BLOB_ECRC: return "payload crc32 mismatch: the blob is corrupt";
+    case MEDKD_BLOB_EHCRC: return "header crc32 mismatch: the blob header is corrupt";
+    case MEDKD_BLOB_EFLAGS: return "unknown MKDB header flags set";
+    case MEDKD_BLOB_ETRAIL: return "trailing bytes or missing padding: the payload must be followed by exactly its zero padding";
+    case MEDKD_BLOB_ESHA256: return "payload sha256 mismatch: the blob is corrupt";
     default: return "unknown medkd_blob error";
     }
 }

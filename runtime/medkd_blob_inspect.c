@@ -29,6 +29,7 @@ int main(int argc, char **argv) {
     size_t size = 0;
     medkd_blob blob;
     int rc;
+    unsigned i;
 
     if (argc != 2) {
         fprintf(stderr, "usage: %s FILE.bin\n", argc > 0 ? argv[0] : "medkd_blob_inspect");
@@ -51,9 +52,11 @@ int main(int argc, char **argv) {
         free(data);
         return 1;
     }
-    printf("file=%s container=%lu kind=%s version=%u payload=%lu crc=0x%08lx\n", argv[1],
+    printf("file=%s container=%lu kind=%s version=%u payload=%lu crc=0x%08lx sha256_prefix=", argv[1],
            (unsigned long)size, medkd_blob_kind_name(blob.kind), blob.version,
            (unsigned long)blob.payload_size, (unsigned long)blob.crc32);
+    for (i = 0; i < MEDKD_BLOB_SHA256_PREFIX_SIZE; ++i) printf("%02x", blob.sha256_prefix[i]);
+    printf("\n");
     free(data);
     return 0;
 }

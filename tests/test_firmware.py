@@ -12,7 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from medkd.export.firmware import HEADER_SIZE, MAGIC, read_firmware_blob, write_firmware_blob
+from medkd.export.firmware import (
+    BLOB_CHECKS,
+    HEADER_SIZE,
+    MAGIC,
+    FirmwareBlobError,
+    parse_firmware_blob,
+    read_firmware_blob,
+    write_firmware_blob,
+)
 from medkd.toolchain.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,7 +41,7 @@ def test_round_trip_header_and_files(tmp_path):
     assert sorted(p.name for p in fw.iterdir()) == ["medkd_model.S", "medkd_model.bin", "medkd_model.h"]
     assert out["bin"] == str(fw / "medkd_model.bin") and out["asm"] == str(fw / "medkd_model.S")
     assert out["source"] is None and out["manifest"] is None
-    assert out["kind"] == "onnx" and out["kind_code"] == 1 and out["format_version"] == 1
+    assert out["kind"] == "onnx" and out["kind_code"] == 1 and out["format_version"] == 2
     assert out["payload_size"] == len(payload)
     assert out["crc32"] == zlib.crc32(payload)
     assert out["sha256"] == hashlib.sha256(payload).hexdigest()
@@ -43,12 +51,13 @@ def test_round_trip_header_and_files(tmp_path):
     assert raw[:4] == MAGIC and raw[HEADER_SIZE : HEADER_SIZE + len(payload)] == payload
     assert raw[HEADER_SIZE + len(payload) :] == b"\0" * (len(raw) - HEADER_SIZE - len(payload))
     # documented layout, decoded independently of the module's struct
-    assert struct.unpack_from("<HHIIQII", raw, 4) == (1, 1, 48, 0, len(payload), zlib.crc32(payload), 0)
-    assert raw[32:48] == hashlib.sha256(payload).digest()[:16]
+    assert struct.unpack_from("<HHIIQI", raw, 4) == (2, 1, 48, 0, len(payload), zlib.crc32(payload))
+    assert raw[28:44] == hashlib.sha256(payload).digest()[:16]
+    assert struct.unpack_from("<I", raw, 44)[0] == zlib.crc32(raw[:44])  # header CRC
 
     header, got = read_firmware_blob(fw / "medkd_model.bin")
     assert got == payload
-    assert header["kind"] == "onnx" and header["format_version"] == 1 and header["header_size"] == 48
+    assert header["kind"] == "onnx" and header["format_version"] == 2 and header["header_size"] == 48
     assert header["payload_size"] == len(payload) and header["crc32"] == out["crc32"]
     assert header["container_size"] == len(raw)
 
@@ -82,6 +91,77 @@ def test_truncated_blob(tmp_path, keep):
     cut.write_bytes(Path(out["bin"]).read_bytes()[:keep])
     with pytest.raises(UserError, match="truncated"):
         read_firmware_blob(cut)
+
+
+def _with_header_crc(raw: bytearray) -> bytes:
+    """`raw` with its header CRC recomputed, so a header edit reaches the later checks."""
+    struct.pack_into("<I", raw, 44, zlib.crc32(bytes(raw[:44])))
+    return bytes(raw)
+
+
+def _edited_blob(tmp_path: Path, edit, fix_header_crc: bool = True) -> Path:
+    out = write_firmware_blob(_payload(tmp_path), tmp_path / "fw", kind="onnx")
+    raw = bytearray(Path(out["bin"]).read_bytes())
+    raw = edit(raw) or raw
+    bad = tmp_path / "edited.bin"
+    bad.write_bytes(_with_header_crc(raw) if fix_header_crc else bytes(raw))
+    return bad
+
+
+def _pack(fmt: str, offset: int, value: int):
+    return lambda raw: struct.pack_into(fmt, raw, offset, value)
+
+
+@pytest.mark.parametrize("edit, fix_crc, check, message", [
+    (lambda raw: raw.__setitem__(20, raw[20] ^ 1), False, "header-crc", "header CRC-32"),  # payload size bit
+    (lambda raw: raw.__setitem__(30, raw[30] ^ 1), False, "header-crc", "header CRC-32"),  # SHA-256 prefix bit
+    (_pack("<I", 8, 64), True, "header-size", "invalid header size 64"),
+    (_pack("<I", 12, 1), True, "flags", "unknown header flags 0x00000001"),
+    (_pack("<I", 12, 0x80000000), True, "flags", "unknown header flags"),
+    (_pack("<H", 6, 3), True, "kind", "unknown kind code 3"),
+    (_pack("<Q", 16, 0), True, "payload-size", "empty payload"),
+    (_pack("<Q", 16, 2**64 - 1), True, "payload-size", "truncated"),
+    (_pack("<Q", 16, 3000), True, "trailing", "bytes after its payload"),  # one payload byte left over
+    (lambda raw: raw + b"\0" * 16, False, "trailing", "23 bytes after its payload"),
+    (lambda raw: raw.__setitem__(-1, 1), False, "trailing", "expected 7 zero padding bytes"),
+    (lambda raw: raw.__setitem__(30, raw[30] ^ 1), True, "sha256", "SHA-256"),
+])
+def test_header_edits_are_rejected(tmp_path, edit, fix_crc, check, message):
+    """Every header field is checked: flips without a fixed-up header CRC fail that CRC,
+    edits with one fail the field's own check (3001-byte payload: 7 padding bytes)."""
+    bad = _edited_blob(tmp_path, edit, fix_crc)
+    with pytest.raises(FirmwareBlobError, match=re.escape(message)) as err:
+        read_firmware_blob(bad)
+    assert err.value.check == check and isinstance(err.value, UserError)
+    assert "\n" not in str(err.value)
+
+
+def test_payload_with_matching_crc_fails_sha256(tmp_path):
+    """A payload change that keeps the CRC-32 (fixed up in the header) is caught by the
+    SHA-256 prefix."""
+    def edit(raw):
+        raw[HEADER_SIZE] ^= 0xFF
+        struct.pack_into("<I", raw, 24, zlib.crc32(bytes(raw[HEADER_SIZE : HEADER_SIZE + 3001])))
+    with pytest.raises(FirmwareBlobError, match="SHA-256") as err:
+        read_firmware_blob(_edited_blob(tmp_path, edit))
+    assert err.value.check == "sha256"
+
+
+@pytest.mark.parametrize("version", [0, 1, 3, 0xFFFF])
+def test_unknown_versions_are_rejected_in_one_line(tmp_path, version):
+    bad = _edited_blob(tmp_path, _pack("<H", 4, version))
+    with pytest.raises(UserError, match=f"format version {version}, but this medkd reads version 2 only") as err:
+        read_firmware_blob(bad)
+    assert err.value.check == "version" and "\n" not in str(err.value)
+
+
+def test_parse_firmware_blob_in_memory(tmp_path):
+    out = write_firmware_blob(_payload(tmp_path), tmp_path / "fw", kind="tensorrt-engine")
+    header, payload = parse_firmware_blob(Path(out["bin"]).read_bytes())
+    assert header["kind"] == "tensorrt-engine" and payload == _payload(tmp_path).read_bytes()
+    with pytest.raises(FirmwareBlobError, match="^engine.bin is truncated: 3 bytes") as err:
+        parse_firmware_blob(b"MKD", "engine.bin")
+    assert err.value.check == "truncated" and err.value.check in BLOB_CHECKS
 
 
 def test_bad_magic_and_missing_blob(tmp_path):
@@ -258,7 +338,21 @@ def test_c_runtime_validates_embedded_and_file_blobs(tmp_path):
 
     good = _run(build / "medkd_blob_inspect", out["bin"])
     assert good.returncode == 0, good.stderr
-    assert f"kind=onnx version=1 payload={out['payload_size']} crc=0x{out['crc32']:08x}" in good.stdout
+    assert (f"kind=onnx version=2 payload={out['payload_size']} crc=0x{out['crc32']:08x} "
+            f"sha256_prefix={out['sha256'][:32]}") in good.stdout
+
+    # The C reader rejects what the Python reader rejects, with the same reason.
+    original = Path(out["bin"]).read_bytes()
+    v1 = bytearray(original)
+    struct.pack_into("<H", v1, 4, 1)
+    for name, data, c_words in (("v1.bin", bytes(v1), "unsupported MKDB format version"),
+                                ("trailing.bin", original + bytes(16), "trailing bytes"),
+                                ("header.bin", original[:20] + b"\xff" + original[21:], "header crc32")):
+        (tmp_path / name).write_bytes(data)
+        rejected = _run(build / "medkd_blob_inspect", tmp_path / name)
+        assert rejected.returncode == 1 and c_words in rejected.stderr, rejected.stderr
+        with pytest.raises(FirmwareBlobError):
+            read_firmware_blob(tmp_path / name)
 
     raw = bytearray(Path(out["bin"]).read_bytes())
     raw[HEADER_SIZE + 10] ^= 0xFF
@@ -273,8 +367,9 @@ def test_c_runtime_validates_embedded_and_file_blobs(tmp_path):
     cut = _run(build / "medkd_blob_inspect", truncated)
     assert cut.returncode != 0 and "truncated" in cut.stderr
 
-    ctest = _run("ctest", "--output-on-failure", cwd=build)
+    ctest = _run("ctest", "--output-on-failure", "-V", cwd=build)
     assert ctest.returncode == 0, ctest.stdout + ctest.stderr
+    assert "ok sha256 and crc32 known answers" in ctest.stdout  # medkd_blob_selftest
 
 
 def _elf_symbols(binary: Path) -> dict[str, str]:
@@ -357,3 +452,4 @@ def test_aarch64_cross_build_runs_under_qemu(tmp_path):
     assert ctest.returncode == 0, ctest.stdout + ctest.stderr
     assert "qemu-aarch64" in ctest.stdout  # ran through CMAKE_CROSSCOMPILING_EMULATOR
     assert _expected_check_line(out) in ctest.stdout
+    assert "ok sha256 and crc32 known answers" in ctest.stdout  # SHA-256/CRC-32 right on aarch64 too
