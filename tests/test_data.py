@@ -278,6 +278,7 @@ def _folder_cases(tmp_path):
     cases["unreadable image"] = (broken, ["cannot read image", "corrupt.png"])
     extra = tmp_path / "extra_test_class"
     write_image(extra / "train" / "a" / "0.png", 1)
+    write_image(extra / "train" / "b" / "0.png", 1)  # two training classes: see test_data_validation
     write_image(extra / "test" / "a" / "0.png", 1)
     write_image(extra / "test" / "zebra" / "0.png", 1)
     cases["test class not in train"] = (extra, ["zebra", "lacks"])
@@ -299,7 +300,8 @@ def _folder_cases(tmp_path):
 ])
 def test_folder_problems_are_user_errors(tmp_path, case):
     path, fragments = _folder_cases(tmp_path)[case]
-    raises_user_error({"name": "folder", "path": str(path)}, *fragments)
+    # image_size given: the 10 x 14 images have no square native size.
+    raises_user_error({"name": "folder", "path": str(path), "image_size": 8}, *fragments)
 
 
 # ---------------------------------------------------------------- fashion-mnist

@@ -1,8 +1,10 @@
 """The data layer: `load_task(cfg) -> TaskData` for every supported dataset.
 
 `cfg` is the `data` config (OmegaConf DictConfig or a plain mapping) with keys name, path,
-image_size, max_train, max_test, train_fraction, seed; config.py documents each key and its
-default. Datasets: mri (embedded default), fashion-mnist, npz, folder; see available_datasets().
+image_size, max_train, max_test, train_fraction, unlabelled_transfer, seed, intensity,
+allow_unseen_test_classes; config.py documents each key and its default. Datasets: mri
+(embedded default), fashion-mnist, npz, folder; see available_datasets(). Every loaded data
+set passes the same checks (validate.py) and non-8-bit images one intensity rule (intensity.py).
 """
 
 from .base import ImageSet, TaskData

@@ -36,6 +36,8 @@ class TaskData:
     name: str
     train: ImageSet
     test: ImageSet
+    # Name of each label. A loader may leave it empty: validate.py then names the classes
+    # class_<label> (load_task always returns it filled, one name per model output).
     class_names: list[str]
     # Free-form provenance (source files, split rule) recorded in the run report.
     provenance: dict = field(default_factory=dict)

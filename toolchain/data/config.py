@@ -7,8 +7,9 @@ Keys (all optional; a missing key takes its default):
     path            str|null   null    npz: the .npz file; folder: the root directory;
                                        mri / fashion-mnist: a directory that replaces the
                                        Debian install location (null = use the Debian files)
-    image_size      int        32      images are resized (bilinear, antialias) to
-                                       image_size x image_size; 8 <= image_size <= 1024
+    image_size      int|null   null    images are resized (bilinear, antialias) to
+                                       image_size x image_size; 8 <= image_size <= 1024;
+                                       null = the data set's own size (it must be square)
     max_train       int|null   null    cap on the training split, stratified by class
     max_test        int|null   null    cap on the test split, stratified by class
     train_fraction  float      1.0     in (0, 1]: keep this fraction of the training labels per
@@ -17,6 +18,11 @@ Keys (all optional; a missing key takes its default):
                                        (labels withheld) as an unlabelled transfer set for the
                                        distillation recipes
     seed            int        0       makes every subsample and split deterministic
+    intensity       str|null   null    how images that are not 8-bit map to [0, 1]: range or
+                                       window:LEVEL,WIDTH (see intensity.py); null = range,
+                                       except mri: its robust window of the head voxels
+    allow_unseen_test_classes  false   true keeps test images of classes that the training
+                    bool               split lacks (else an error; see validate.py)
 
 Config problems raise `ConfigError` (a `UserError`), one line naming the key and the fix.
 """
@@ -28,16 +34,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError
+from .intensity import IntensityRule, parse_intensity
 
 DEFAULTS = {
     "name": "mri",
     "path": None,
-    "image_size": 32,
+    "image_size": None,
     "max_train": None,
     "max_test": None,
     "train_fraction": 1.0,
     "unlabelled_transfer": True,
     "seed": 0,
+    "intensity": None,
+    "allow_unseen_test_classes": False,
 }
 
 MIN_IMAGE_SIZE = 8
@@ -50,12 +59,14 @@ class DataConfig:
 
     name: str
     path: Path | None
-    image_size: int
+    image_size: int | None  # None: the data set's own size
     max_train: int | None
     max_test: int | None
     train_fraction: float
     unlabelled_transfer: bool
     seed: int
+    intensity: IntensityRule | None  # None: the data set's default
+    allow_unseen_test_classes: bool
 
 
 def parse_data_config(cfg, valid_names: list[str]) -> DataConfig:
@@ -81,10 +92,12 @@ def parse_data_config(cfg, valid_names: list[str]) -> DataConfig:
         path = Path(path).expanduser()
 
     image_size = values["image_size"]
-    if not _is_int(image_size) or not MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE:
+    if image_size is not None and (
+        not _is_int(image_size) or not MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE
+    ):
         raise ConfigError(
-            f"data.image_size must be an integer from {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE}, "
-            f"got '{image_size}'"
+            f"data.image_size must be an integer from {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} or null "
+            f"(the data set's own size), got '{image_size}'"
         )
 
     for key in ("max_train", "max_test"):
@@ -111,15 +124,23 @@ def parse_data_config(cfg, valid_names: list[str]) -> DataConfig:
     if not _is_int(seed) or seed < 0:
         raise ConfigError(f"data.seed must be a non-negative integer, got '{seed}'")
 
+    if not isinstance(values["allow_unseen_test_classes"], bool):
+        raise ConfigError(
+            "data.allow_unseen_test_classes must be true or false, "
+            f"got '{values['allow_unseen_test_classes']}'"
+        )
+
     return DataConfig(
         name=name,
         path=path,
-        image_size=int(image_size),
+        image_size=None if image_size is None else int(image_size),
         max_train=values["max_train"],
         max_test=values["max_test"],
         train_fraction=float(fraction),
         unlabelled_transfer=values["unlabelled_transfer"],
         seed=int(seed),
+        intensity=parse_intensity(values["intensity"]),
+        allow_unseen_test_classes=values["allow_unseen_test_classes"],
     )
 
 
@@ -146,3 +167,18 @@ def required_path(cfg: DataConfig, what: str) -> Path:
     if cfg.path is None:
         raise ConfigError(f"data.path is required for data.name={cfg.name}: give {what} (data.path=...)")
     return cfg.path
+
+
+def native_image_size(height: int, width: int, what: str) -> int:
+    """The size `data.image_size: null` keeps: the images' own, if square and within bounds."""
+    if height != width:
+        raise ConfigError(
+            f"{what} are {width}x{height} px, not square; set data.image_size to the size "
+            "the model should see (images are resized to image_size x image_size)"
+        )
+    if not MIN_IMAGE_SIZE <= height <= MAX_IMAGE_SIZE:
+        raise ConfigError(
+            f"{what} are {width}x{height} px, outside {MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE}; set "
+            "data.image_size to resize them"
+        )
+    return height

@@ -128,9 +128,13 @@ def extract_patches(t1: np.ndarray, centres: np.ndarray, patch_mm: int, mirror: 
     return patches[:, :, ::-1] if mirror else patches
 
 
-def build_mri_task(volume: MriVolume, seed: int, image_size: int,
+def build_mri_task(volume: MriVolume, seed: int, image_size: int | None,
                    patch_mm: int = PATCH_MM) -> tuple[TaskData, dict[str, np.ndarray]]:
-    """The patch task plus the centres behind it (for checks such as spatial disjointness)."""
+    """The patch task plus the centres behind it (for checks such as spatial disjointness).
+
+    image_size None keeps the patches at patch_mm px (1 px per mm).
+    """
+    image_size = image_size or patch_mm
     groups = group_volume(volume)
     centres = plan_centres(volume, seed, patch_mm)
     sets = {}
@@ -154,12 +158,13 @@ def build_mri_task(volume: MriVolume, seed: int, image_size: int,
             "patch": f"axial {patch_mm} x {patch_mm} mm of the Colin27 T1, resized to {image_size}",
             "label": "AAL lobar group of the centre voxel",
             "groups": {name: list(prefixes) for name, prefixes in GROUP_PREFIXES.items()},
+            "intensity": volume.intensity,
         },
     )
     return task, centres
 
 
 def load_mri(cfg: DataConfig) -> TaskData:
-    volume = read_mri_volume(cfg.path)
+    volume = read_mri_volume(cfg.path, cfg.intensity)
     task, _ = build_mri_task(volume, cfg.seed, cfg.image_size)
     return task

@@ -8,6 +8,10 @@ Files (default directory /usr/share/mricron/templates):
 Both volumes are brought to RAS orientation (first axis runs patient left -> right) and
 must share one grid with 1 mm voxels. Used by the patch task (mri.py) and meant for the
 segmentation work, hence `load_mri_volume`.
+
+Intensity: data.intensity (range | window:LEVEL,WIDTH, intensity.py) applies to the whole
+volume, through the same function as every other loader. Its default (null) is a window
+taken from the volume itself: the 0.5th..99.5th percentile of the head (non-zero voxels).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
+from .intensity import IntensityRule, scale_to_unit
 
 DEFAULT_DIR = Path("/usr/share/mricron/templates")
 T1_FILE, ATLAS_FILE, NAMES_FILE = "ch2.nii.gz", "aal.nii.gz", "aal.nii.txt"
@@ -33,15 +38,18 @@ class MriVolume:
     names: dict[int, str]  # AAL label -> region name, e.g. 1 -> "Precentral_L"
     affine: np.ndarray  # 4 x 4 voxel -> MNI mm (RAS)
     sources: list[str]
+    intensity: dict  # the rule and the bounds that mapped the T1 to [0, 1]
 
 
-def load_mri_volume(path: str | Path | None = None) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+def load_mri_volume(
+    path: str | Path | None = None, intensity: IntensityRule | None = None
+) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
     """(normalised T1 float32, AAL labels int32, {label: region name}) on one RAS 1 mm grid."""
-    volume = read_mri_volume(path)
+    volume = read_mri_volume(path, intensity)
     return volume.t1, volume.labels, volume.names
 
 
-def read_mri_volume(path: str | Path | None = None) -> MriVolume:
+def read_mri_volume(path: str | Path | None = None, intensity: IntensityRule | None = None) -> MriVolume:
     import nibabel as nib
 
     directory = Path(path) if path is not None else DEFAULT_DIR
@@ -73,22 +81,29 @@ def read_mri_volume(path: str | Path | None = None) -> MriVolume:
     unnamed = sorted(set(np.unique(labels).tolist()) - set(names) - {0})
     if unnamed:
         raise UserError(f"{atlas_path} uses label(s) {unnamed[:5]} that {names_path.name} does not name")
+    normalised, bounds = normalise_intensity(t1, intensity)
     return MriVolume(
-        t1=normalise_intensity(t1),
+        t1=normalised,
         labels=labels,
         names=names,
         affine=t1_img.affine,
         sources=[str(f) for f in files],
+        intensity=bounds,
     )
 
 
-def normalise_intensity(volume: np.ndarray) -> np.ndarray:
+def normalise_intensity(volume: np.ndarray, rule: IntensityRule | None = None) -> tuple[np.ndarray, dict]:
+    """The volume mapped to [0, 1] by `rule` (None: the robust head window) and what was used."""
     head = volume[volume > 0]
     if head.size == 0:
         raise UserError("the T1 volume is all zeros; check the MRI file")
-    low, high = np.percentile(head, [LOW_PERCENTILE, HIGH_PERCENTILE])
-    scaled = (volume - np.float32(low)) / np.float32(max(high - low, 1e-6))
-    return np.clip(scaled, 0.0, 1.0).astype(np.float32)
+    if rule is None:
+        low, high = (float(v) for v in np.percentile(head, [LOW_PERCENTILE, HIGH_PERCENTILE]))
+        used = {"rule": f"head percentiles {LOW_PERCENTILE}..{HIGH_PERCENTILE}", "low": low, "high": high}
+    else:
+        low, high = rule.bounds([volume])  # range: min..max of the volume, both splits' source
+        used = rule.describe(low, high)
+    return scale_to_unit(volume, low, high), used
 
 
 def _read_region_names(path: Path) -> dict[int, str]:

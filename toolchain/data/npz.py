@@ -1,8 +1,11 @@
 """MedMNIST-format `.npz` files (e.g. pathmnist.npz).
 
-Expected arrays: train_images, train_labels, test_images, test_labels; images uint8
-N x H x W (gray) or N x H x W x 3 (RGB) (float in [0, 1] is accepted too), labels N or N x 1
-integers. An optional `class_names` string array names the classes, else "class_0", ...
+Expected arrays: train_images, train_labels, test_images, test_labels; images
+N x H x W (gray) or N x H x W x 3 (RGB), labels N or N x 1 integers. uint8 images are
+divided by 255; any other integer or float type (uint16, int16 Hounsfield units, float) maps
+to [0, 1] by data.intensity (intensity.py), with `range` taken from train_images. Images keep
+their size (a MedMNIST+ pathmnist_64.npz stays 64 px) unless data.image_size says otherwise.
+An optional `class_names` string array names the classes, else "class_<label>".
 `val_*` arrays are ignored: medkd trains on train and reports on test, the same protocol
 as the MedMNIST benchmarks, and has no model-selection step that would use a val split.
 """
@@ -17,6 +20,7 @@ import torch
 from ..errors import UserError
 from .base import ImageSet, TaskData
 from .config import DataConfig, required_path
+from .intensity import IntensityRule, scale_to_unit
 from .transforms import to_nchw_float
 
 REQUIRED_KEYS = ("train_images", "train_labels", "test_images", "test_labels")
@@ -54,15 +58,28 @@ def load_npz(cfg: DataConfig) -> TaskData:
                 f"{len(labels)} labels; they must match"
             )
         splits[split] = (images, labels)
-    train_shape, test_shape = splits["train"][0].shape[1:], splits["test"][0].shape[1:]
-    if train_shape != test_shape:
+    (train_images, _), (test_images, _) = splits["train"], splits["test"]
+    if train_images.shape[1:] != test_images.shape[1:]:
         raise UserError(
-            f"{path}: train images are {train_shape} but test images are {test_shape}; "
-            "both splits need the same image size and channels"
+            f"{path}: train images are {train_images.shape[1:]} but test images are "
+            f"{test_images.shape[1:]}; both splits need the same image size and channels"
+        )
+    if train_images.dtype != test_images.dtype:
+        raise UserError(
+            f"{path}: train_images are {train_images.dtype} but test_images are "
+            f"{test_images.dtype}; both splits need one pixel type"
         )
 
-    num_classes = 1 + max(int(labels.max()) for _, labels in splits.values())
-    class_names = _class_names(names, num_classes, path)
+    max_label = max(int(labels.max()) for _, labels in splits.values())
+    class_names = _class_names(names, max_label, path)
+    if train_images.dtype == np.uint8:
+        intensity = "uint8 / 255"
+    else:
+        rule = cfg.intensity or IntensityRule("range")
+        low, high = rule.bounds([train_images])
+        splits = {split: (scale_to_unit(images, low, high), labels)
+                  for split, (images, labels) in splits.items()}
+        intensity = rule.describe(low, high)
     sets = {
         split: ImageSet(
             to_nchw_float(images),  # load_task resizes after capping: less work
@@ -78,6 +95,7 @@ def load_npz(cfg: DataConfig) -> TaskData:
         provenance={
             "source": str(path.resolve()),
             "split_rule": "the file's own train/test arrays; val_* arrays ignored",
+            "intensity": intensity,
         },
     )
 
@@ -93,11 +111,9 @@ def _check_images(images: np.ndarray, key: str, path) -> np.ndarray:
         )
     if len(images) == 0:
         raise UserError(f"{path}: {key} is empty; each split needs at least one image")
-    if images.dtype == np.uint8:
-        return images
-    if images.dtype.kind == "f" and np.isfinite(images).all() and images.min() >= 0 and images.max() <= 1:
-        return images
-    raise UserError(f"{path}: {key} must be uint8 (0-255) or float in [0, 1], got {images.dtype}")
+    if images.dtype.kind not in "uif":
+        raise UserError(f"{path}: {key} must hold integer or float pixels, got {images.dtype}")
+    return images
 
 
 def _check_labels(labels: np.ndarray, key: str, path) -> np.ndarray:
@@ -117,14 +133,15 @@ def _check_labels(labels: np.ndarray, key: str, path) -> np.ndarray:
     return labels
 
 
-def _class_names(names, num_classes: int, path) -> list[str]:
+def _class_names(names, max_label: int, path) -> list[str]:
+    """The file's names; [] (validate.py names them class_<label>) when it has none."""
     if names is None:
-        return [f"class_{i}" for i in range(num_classes)]
+        return []  # not 1 + max_label names: a sparse label such as 10**12 would build them all
     if names.ndim != 1 or names.dtype.kind not in "US":
         raise UserError(f"{path}: class_names must be a 1-D string array, got {names.dtype} {names.shape}")
-    if len(names) < num_classes:
+    if len(names) <= max_label:
         raise UserError(
-            f"{path}: class_names has {len(names)} names but labels go up to {num_classes - 1}; "
+            f"{path}: class_names has {len(names)} names but labels go up to {max_label}; "
             "give one name per class"
         )
     return [n.decode() if isinstance(n, bytes) else str(n) for n in names.tolist()]

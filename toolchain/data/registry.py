@@ -1,8 +1,9 @@
 """Dataset name -> loader, and `load_task`, the one entry point the pipeline calls.
 
 A loader turns a validated DataConfig into a full TaskData (images may still be at their
-native size). `load_task` then applies what every dataset shares, in this order:
-max_train / max_test caps, train_fraction, resize to image_size. See config.py for the keys.
+native size). `load_task` then applies what every dataset shares, in this order: the
+checks of validate.py (labels, classes, NaN/Inf), max_train / max_test caps, train_fraction,
+resize to image_size (null: the data set's own size). See config.py for the keys.
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ import numpy as np
 import torch
 
 from .base import ImageSet, TaskData
-from .config import DataConfig, parse_data_config
+from .config import DataConfig, native_image_size, parse_data_config
 from .fashion_mnist import load_fashion_mnist
 from .folder import load_folder
 from .mri import load_mri
 from .npz import load_npz
 from .sampling import stratified_cap, stratified_fraction
 from .transforms import resize_images
+from .validate import validate_task
 
 LOADERS: dict[str, Callable[[DataConfig], TaskData]] = {
     "mri": load_mri,
@@ -34,9 +36,10 @@ def available_datasets() -> list[str]:
 
 
 def load_task(cfg) -> TaskData:
-    """Validate the `data` config, load the dataset, then cap, subsample and resize it."""
+    """Validate the `data` config, load and check the dataset, then cap, subsample and resize it."""
     config = parse_data_config(cfg, available_datasets())
-    task = LOADERS[config.name](config)
+    task = validate_task(LOADERS[config.name](config), config.allow_unseen_test_classes)
+    size = config.image_size or native_image_size(*task.train.images.shape[-2:], f"the {task.name} images")
     train, test, seed = task.train, task.test, config.seed
     if config.max_train is not None:
         train = _subset(train, stratified_cap(train.labels.numpy(), config.max_train, seed, "max_train"))
@@ -47,14 +50,14 @@ def load_task(cfg) -> TaskData:
         keep = stratified_fraction(train.labels.numpy(), config.train_fraction, seed)
         if config.unlabelled_transfer:
             withheld = np.setdiff1d(np.arange(len(train)), keep)
-            unlabelled = resize_images(train.images[torch.from_numpy(withheld)], config.image_size)
+            unlabelled = resize_images(train.images[torch.from_numpy(withheld)], size)
         train = _subset(train, keep)
-    train = ImageSet(resize_images(train.images, config.image_size), train.labels)
-    test = ImageSet(resize_images(test.images, config.image_size), test.labels)
+    train = ImageSet(resize_images(train.images, size), train.labels)
+    test = ImageSet(resize_images(test.images, size), test.labels)
     provenance = {
         **task.provenance,
         "seed": config.seed,
-        "image_size": config.image_size,
+        "image_size": size,
         "max_train": config.max_train,
         "max_test": config.max_test,
         "train_fraction": config.train_fraction,

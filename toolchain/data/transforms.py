@@ -11,7 +11,8 @@ _RESIZE_CHUNK = 4096
 
 
 def to_nchw_float(images: np.ndarray) -> torch.Tensor:
-    """uint8 N x H x W (gray) or N x H x W x C -> float32 N x C x H x W in [0, 1]."""
+    """N x H x W (gray) or N x H x W x C -> float32 N x C x H x W; uint8 is divided by 255,
+    anything else is taken as already scaled (intensity.py)."""
     if images.ndim == 3:
         images = images[:, None]
     else:
@@ -28,8 +29,8 @@ def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
     out = torch.empty(images.shape[0], images.shape[1], size, size, dtype=torch.float32)
     for start in range(0, images.shape[0], _RESIZE_CHUNK):
         chunk = images[start : start + _RESIZE_CHUNK].float()
-        out[start : start + _RESIZE_CHUNK] = F.interpolate(
-            chunk, size=(size, size), mode="bilinear", antialias=True, align_corners=False
-        )
-    # Bilinear weights are non-negative so this only removes float rounding at 0 and 1.
-    return out.clamp_(0.0, 1.0)
+        resized = F.interpolate(chunk, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        # Bilinear weights are non-negative so the clamp only removes float rounding at 0 and
+        # 1; infinite values stay (clamp would make them 1) for validate.py to report.
+        out[start : start + _RESIZE_CHUNK] = torch.where(resized.isinf(), resized, resized.clamp(0.0, 1.0))
+    return out
