@@ -57,7 +57,7 @@ from medkd.toolchain.report import collect_versions
 from medkd.toolchain.config import load_config
 from medkd.toolchain.data import load_task
 from medkd.toolchain.models.students import build_student, count_parameters
-from medkd.toolchain.train import TrainSettings, fit
+from medkd.toolchain.train import TrainSettings, fit, predict
 
 STUDENTS = ("resnet18", "mobilenetv3", "vit_tiny")
 # Files medkd writes, in table order; the int8 ones are compared with "fp32".
@@ -166,13 +166,14 @@ def train_student(cfg, task, threads: int, log=print):
     torch.set_num_threads(threads)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as run_dir:
-        result = fit(recipe, task.train, task.test, settings, Path(run_dir), "bench-export", log=log)
+        fit(recipe, task.train, None, settings, Path(run_dir), "bench-export", log=log)
     seconds = time.perf_counter() - started
     model = recipe.deployable().eval()
+    test_accuracy = (predict(model, task.test.images).argmax(1) == task.test.labels).float().mean().item()
     return model, {
         "epochs": cfg.train.epochs, "train_images": len(task.train), "test_images": len(task.test),
         "parameters": count_parameters(model), "train_seconds": round(seconds, 1),
-        "torch_test_accuracy": result.history[-1]["test_accuracy"],
+        "torch_test_accuracy": test_accuracy,
     }
 
 

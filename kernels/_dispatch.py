@@ -54,6 +54,25 @@ def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
     return "triton" if usable else "torch"
 
 
+# The backend each op last ran, e.g. {"cka": "triton"}: written by the ops at dispatch
+# (plain Python, no tensor touched, so no host sync), read by the training loop to log
+# once per run which backend actually ran.
+_backends_run: dict[str, str] = {}
+
+
+def note_backend(op: str, chosen: str) -> None:
+    _backends_run[op] = chosen
+
+
+def backends_run() -> dict[str, str]:
+    """{op: "triton" | "torch"} for every op run since the last reset_backends_run()."""
+    return dict(_backends_run)
+
+
+def reset_backends_run() -> None:
+    _backends_run.clear()
+
+
 class LazyKernel:
     """A Triton kernel function that is decorated with ``triton.jit`` on first launch.
 
@@ -190,4 +209,5 @@ __all__ = [
     "BACKENDS", "LazyKernel", "lazy_kernel", "resolve_backend", "interpret_enabled",
     "triton_available", "dot_dtype", "fp32_dot_precision", "num_sms", "next_power_of_2",
     "cdiv", "SUPPORTED_DTYPES", "compile_for_gpu", "combine_add", "triton_dtype",
+    "note_backend", "backends_run", "reset_backends_run",
 ]

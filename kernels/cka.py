@@ -45,6 +45,7 @@ from ._dispatch import (
     interpret_enabled,
     lazy_kernel,
     next_power_of_2,
+    note_backend,
     num_sms,
     resolve_backend,
     tl,
@@ -450,6 +451,7 @@ def cka_loss(x, y, eps=DEFAULT_EPS, *, backend="auto"):
         chosen = "torch"
     if chosen == "triton" and backend == "auto" and not feature_form_is_cheaper(n, d1, d2):
         chosen = "torch"  # n << d: the reference's n x n Gram form is cheaper
+    note_backend("cka", chosen)
     if chosen == "torch":
         return cka_loss_reference(x2, y2, eps)
     return _CKALossFn.apply(x2.contiguous(), y2.contiguous(), float(eps))

@@ -54,6 +54,7 @@ from ._dispatch import (
     fp32_dot_precision,
     interpret_enabled,
     lazy_kernel,
+    note_backend,
     next_power_of_2,
     resolve_backend,
     tl,
@@ -467,6 +468,7 @@ def lowrank_expert_linear(x, task_ids, weight, bias, lora_A, lora_B, scale=1.0, 
         if backend == "triton":
             raise TypeError(f"the Triton path supports {SUPPORTED_DTYPES}, got {x2.dtype}")
         chosen = "torch"  # e.g. fp64
+    note_backend("lowrank_expert_linear", chosen)
     if chosen == "torch" or x2.shape[0] == 0:
         return lowrank_expert_linear_reference(x, task_ids, weight, bias, lora_A, lora_B, scale)
     _check_args(x2, ids, weight, bias, lora_A, lora_B)

@@ -20,11 +20,14 @@ UNLABELLED = -100
 
 
 def labelled_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the labelled rows; 0 (still differentiable) when there are none."""
-    labelled = labels != UNLABELLED
-    if not labelled.any():
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits[labelled], labels[labelled])
+    """Mean cross-entropy over the labelled rows; 0 (still differentiable) when there are none.
+
+    Written without data-dependent control flow or boolean indexing: either would make
+    the host wait for the device on every training step.
+    """
+    per_row = F.cross_entropy(logits, labels, ignore_index=UNLABELLED, reduction="none")  # 0 where unlabelled
+    labelled = (labels != UNLABELLED).sum()
+    return per_row.sum() / labelled.clamp_min(1)
 
 
 @dataclass
@@ -48,8 +51,17 @@ class Recipe(nn.Module):
     def prepare(self, teacher_features: torch.Tensor | None, labels: torch.Tensor) -> None:
         """One-off work before the first epoch (not repeated on resume)."""
 
-    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-        """Total loss to minimise and its named parts for the training log."""
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Total loss to minimise and its named parts for the training log.
+
+        Per-row terms are means over the batch's rows: under DDP each rank gets an
+        equal share of the global batch, so the averaged gradient is the full-batch one
+        (exactly for fully labelled batches; batch statistics such as RD's CKA are taken
+        per share, like per-GPU BatchNorm statistics). The parts are detached scalar
+        tensors on the batch's device, never Python floats: the loop sums them on the
+        device and reads them once per epoch (`.item()` here would make the host wait for
+        the device every step).
+        """
         raise NotImplementedError
 
     def teacher_logits(self, teacher_features: torch.Tensor) -> torch.Tensor | None:

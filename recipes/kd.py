@@ -19,7 +19,7 @@ def fit_linear_probe(
 ) -> nn.Linear:
     """Full-batch AdamW on standardised features; returns a probe that takes raw features."""
     mean, std = features.mean(0), features.std(0).clamp_min(1e-6)
-    probe = nn.Linear(features.shape[1], num_classes)
+    probe = nn.Linear(features.shape[1], num_classes).to(features.device)  # initialised on the CPU RNG
     optimizer = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=1e-3)
     normed = (features - mean) / std
     for _ in range(epochs):
@@ -67,7 +67,7 @@ class KDRecipe(Recipe):
         ) * (t * t)
         ce = labelled_cross_entropy(student_logits, batch.labels)
         total = self.alpha * kl + (1 - self.alpha) * ce
-        return total, {"kl": kl.item(), "ce": ce.item()}
+        return total, {"kl": kl.detach(), "ce": ce.detach()}
 
     def teacher_logits(self, teacher_features):
         return self.teacher_head(teacher_features)

@@ -58,7 +58,7 @@ class RDRecipe(Recipe):
         ce_teacher = labelled_cross_entropy(self.student.head(teacher_features), batch.labels)
         cka = cka_loss(student_features, teacher_features)
         total = ce_student + self.teacher_ce_weight * ce_teacher + self.cka_weight * cka
-        return total, {"ce": ce_student.item(), "ce_teacher": ce_teacher.item(), "cka_loss": cka.item()}
+        return total, {"ce": ce_student.detach(), "ce_teacher": ce_teacher.detach(), "cka_loss": cka.detach()}
 
     def teacher_logits(self, teacher_features):
         return self.student.head(self.reprogram(teacher_features))

@@ -14,4 +14,4 @@ class ScratchRecipe(Recipe):
 
     def loss(self, batch: Batch):
         ce = labelled_cross_entropy(self.student(batch.images), batch.labels)
-        return ce, {"ce": ce.item()}
+        return ce, {"ce": ce.detach()}

@@ -8,6 +8,9 @@ cd "$(dirname "$0")/.."
 need_apt=()
 [ -f /usr/share/mricron/templates/ch2.nii.gz ] || need_apt+=(mricron-data)
 [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || need_apt+=(dataset-fashion-mnist)
+# Head CT for data=ct: an InVesalius project under /usr/share/doc (a dpkg path-exclude of
+# /usr/share/doc/* drops it; remove that rule).
+[ -f /usr/share/doc/invesalius-examples/examples/Cranium.inv3 ] || need_apt+=(invesalius-examples)
 # Firmware runtime: cross-build for Jetson (aarch64) and run its checks under qemu-user.
 [ -x /usr/bin/aarch64-linux-gnu-gcc ] || need_apt+=(gcc-aarch64-linux-gnu)
 # Only a Recommends of the compiler: name it for apt setups that skip those.

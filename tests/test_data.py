@@ -50,8 +50,8 @@ def raises_user_error(cfg, *fragments: str) -> str:
 # ---------------------------------------------------------------- config and registry
 
 
-def test_registry_lists_the_four_datasets():
-    assert available_datasets() == ["fashion-mnist", "folder", "mri", "npz"]
+def test_registry_lists_the_datasets():
+    assert available_datasets() == ["ct", "fashion-mnist", "folder", "mri", "multitask", "npz"]
 
 
 @pytest.mark.parametrize(

@@ -177,6 +177,9 @@ def test_reexport_for_another_target_without_retraining(small, tmp_path, capsys)
     assert verify_bundle(run_dir / "bundle")["precision"] == "fp16"
     assert (run_dir / "student.safetensors").read_bytes() == student  # no retraining
     assert "name: jetson-orin" in (run_dir / "config.yaml").read_text()
+    from medkd.toolchain.verify_cli import main as verify_main
+
+    assert verify_main([str(run_dir)]) == 0  # the manifest follows the new export
 
     capsys.readouterr()
     assert export_main([str(run_dir), "train.epochs=3"]) == 2
@@ -207,3 +210,6 @@ def test_failed_export_keeps_the_training_and_the_previous_export(small, tmp_pat
     assert "fp32 ONNX parity check failed (max abs diff 0.5 > 0.0001)" in err and "Traceback" not in err
     after = {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != "log.txt"}
     assert after == before  # checkpoint, student, previous ONNX/firmware/report all untouched, no staging left
+    from medkd.toolchain.verify_cli import main as verify_main
+
+    assert verify_main([str(run_dir)]) == 0  # and the manifest still holds

@@ -17,12 +17,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
-    # mkstemp creates 0600; artifacts get the usual permissions (0666 minus umask).
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o666 & ~umask)
     try:
         yield tmp
+        # mkstemp creates 0600 and some writers (safetensors) recreate the file 0600: artifacts
+        # get the usual permissions (0666 minus umask), set once the writer is done.
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -24,7 +24,14 @@ def config_fingerprint(sections: dict) -> str:
 def save_checkpoint(run_dir: Path, state: dict) -> Path:
     """Save `state` (tensors, numbers, strings, lists, dicts only) as run_dir/checkpoint.pt."""
     payload = {"format_version": FORMAT_VERSION, **state}
-    return atomic_save(run_dir / CHECKPOINT_NAME, lambda tmp: torch.save(payload, tmp))
+
+    def write(tmp: Path) -> None:
+        # Through a Python file object, so a full disk surfaces as OSError(ENOSPC) in the
+        # error's context instead of only torch's bare "unexpected pos" RuntimeError.
+        with tmp.open("wb") as handle:
+            torch.save(payload, handle)
+
+    return atomic_save(run_dir / CHECKPOINT_NAME, write)
 
 
 def load_checkpoint(path: Path, expected_fingerprint: str) -> dict:

@@ -10,6 +10,7 @@ from .errors import ConfigError, UserError
 
 USAGE = """\
 usage: medkd-build [key=value ...]
+       medkd-build -m KEY=A,B [KEY=C,D ...] [hydra/launcher=submitit_slurm ...]   (a sweep)
 
 Distil a frozen medical foundation model into a small student, export it for a deployment
 target and profile it. Every key below is generated from toolchain/conf/*.yaml (defaults
@@ -57,9 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     if any(arg in ("-h", "--help", "help") for arg in argv):
         print(usage())
         return 0
+    if any(arg in ("-m", "--multirun") for arg in argv):
+        return _sweep(argv)
     unknown_flags = [arg for arg in argv if arg.startswith("-")]
     if unknown_flags:
         return _fail(ConfigError(f"unknown option '{unknown_flags[0]}'; medkd-build takes key=value overrides (see --help)"))
+    cfg = None
     try:
         from .config import load_config
 
@@ -72,7 +76,34 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("medkd-build: interrupted; rerun the same command with resume=true to continue", file=sys.stderr)
         return 130
+    except Exception as exc:  # a full disk or exhausted memory is the user's to fix; anything else is a bug
+        error = _resource_error(exc, cfg)
+        if error is None:
+            raise
+        return _fail(error)
     return 0
+
+
+def _resource_error(exc: Exception, cfg) -> UserError | None:
+    from .resource_errors import resource_error
+
+    where = "the run directory"
+    if cfg is not None:
+        from .pipeline import resolve_run_dir
+
+        where = f"the run directory {resolve_run_dir(cfg)}"
+    return resource_error(exc, where, retry="rerun the same command with resume=true to continue",
+                          settings="train.batch_size, data.image_size, data.max_train")
+
+
+def _sweep(argv: list[str]) -> int:
+    """`medkd-build -m ...`: a Hydra multirun (toolchain/multirun.py)."""
+    from .multirun import main as sweep_main
+
+    try:
+        return sweep_main(argv)
+    except UserError as exc:
+        return _fail(exc)
 
 
 def _fail(exc: UserError) -> int:

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import ConfigError
+from .metrics_log import check_logger_name
 
 CONF_DIR = Path(__file__).parent / "conf"
 GROUPS = ("recipe", "target", "data", "teacher", "student")
@@ -56,6 +57,9 @@ def _one_line(exc: Exception) -> str:
         # Hydra suggests '+key=value' to add keys; medkd has a fixed schema, so say so.
         key = text.split("'")[1] if "'" in text else "?"
         return f"unknown config key '{key}' (see medkd-build --help for the keys)"
+    if text.startswith("Ambiguous value for argument"):
+        # Hydra's advice is on the lines that follow; e.g. data.intensity=window:40,400.
+        return f"{text}: quote a value holding commas, e.g. \"data.intensity='window:40,400'\""
     return text
 
 
@@ -69,6 +73,9 @@ def check_values(cfg: DictConfig) -> None:
     _positive_int(cfg.train.teacher_batch_size, "train.teacher_batch_size")
     _positive_number(cfg.train.lr, "train.lr")
     _non_negative_number(cfg.train.weight_decay, "train.weight_decay")
+    _non_negative_number(cfg.train.val_fraction, "train.val_fraction")
+    if cfg.train.val_fraction >= 1:
+        raise ConfigError(f"train.val_fraction must be below 1, got {cfg.train.val_fraction}")
     _positive_int(cfg.export.latency_runs, "export.latency_runs")
     _positive_int(cfg.export.opset, "export.opset")
     if not 13 <= cfg.export.opset <= 21:
@@ -87,6 +94,13 @@ def check_values(cfg: DictConfig) -> None:
     if cfg.progress not in ("auto", True, False):
         raise ConfigError(f"progress must be auto, true or false, got '{cfg.progress}'")
     _positive_number(cfg.progress_interval, "progress_interval")
+    check_logger_name(cfg.logger)
+    from .device import DEVICES, PRECISIONS  # here, not at the top: it imports torch
+
+    if cfg.device not in DEVICES:
+        raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got '{cfg.device}'")
+    if cfg.train.precision not in PRECISIONS:
+        raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}, got '{cfg.train.precision}'")
 
 
 def _positive_int(value, key: str) -> None:

@@ -2,7 +2,9 @@
 
 The trained student (student.safetensors) is exported again for another target or
 precision without retraining; the run's report and config.yaml are updated, the previous
-export's files are replaced only if the new export succeeds.
+export's files are replaced only if the new export succeeds. The run directory is locked
+while it runs (no build or other export may write it meanwhile), and its manifest.sha256
+is updated for the files this command wrote.
 """
 
 from __future__ import annotations
@@ -66,23 +68,41 @@ def apply_overrides(cfg, overrides: list[str]):
     return cfg
 
 
+def with_current_defaults(saved):
+    """A run's saved config, plus the keys this medkd added since (a run from an older medkd
+    lacks them); the group sections (recipe, data, ...) are the run's own, untouched."""
+    from omegaconf import OmegaConf
+
+    from .config import GROUPS, load_config
+
+    defaults = OmegaConf.to_container(load_config([]))
+    for group in GROUPS:
+        defaults.pop(group)
+    return OmegaConf.merge(OmegaConf.create(defaults), saved)
+
+
 def reexport(run_dir: Path, overrides: list[str]) -> dict:
     from omegaconf import OmegaConf
     from safetensors.torch import load_file
+
+    from medkd.export.run_export import previous_artifacts
 
     from .atomic import atomic_write_text
     from .config import check_values
     from .data import load_task
     from .export_stage import deployed_summary, make_plan, run_export
     from .models.students import build_student
-    from .pipeline import RunLog, progress_setting
+    from .pipeline import RunLog
+    from .progress import policy_from_config
+    from .provenance import source_revision, write_manifest
     from .report import write_report
+    from .rundir import LOG_NAME, locked, remove_stale_files
     from .targets import target_summary
 
     for name in ("config.yaml", "student.safetensors", "report.json"):
         if not (run_dir / name).is_file():
             raise UserError(f"{run_dir} is not a finished medkd run: {name} is missing")
-    cfg = apply_overrides(OmegaConf.load(run_dir / "config.yaml"), overrides)
+    cfg = apply_overrides(with_current_defaults(OmegaConf.load(run_dir / "config.yaml")), overrides)
     check_values(cfg)
     task = load_task(cfg.data)
     plan = make_plan(cfg, task)  # every export option is checked before anything is written
@@ -92,21 +112,29 @@ def reexport(run_dir: Path, overrides: list[str]) -> dict:
     except Exception as exc:  # wrong keys/shapes or a damaged file
         raise UserError(f"{run_dir / 'student.safetensors'} does not fit the run's student: "
                         f"{type(exc).__name__}: {str(exc).splitlines()[0]}") from None
-    log = RunLog()
-    log.attach(run_dir / "log.txt")
-    log(f"medkd-export {' '.join(overrides)}")
-    section = run_export(cfg, run_dir, task, {"model": student.eval()}, plan, log, progress_setting(cfg))
+    source = source_revision()
+    with locked(run_dir):
+        remove_stale_files(run_dir)
+        log = RunLog()
+        log.attach(run_dir / LOG_NAME)
+        log(f"medkd-export {' '.join(overrides)}")
+        section = run_export(cfg, run_dir, task, {"model": student.eval()}, plan, log, policy_from_config(cfg))
 
-    report = json.loads((run_dir / "report.json").read_text())
-    report["export"] = section
-    report["target"] = target_summary(cfg.target, section)
-    report.pop("device_latency", None)  # it measured the previous engine
-    report.setdefault("run", {}).setdefault("exports", []).append(
-        {"command": "medkd-export " + " ".join([str(run_dir), *overrides]),
-         "at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
-    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
-    md_path, _ = write_report(run_dir, report)
-    log(f"{deployed_summary(section)}; report: {md_path}")
+        report = json.loads((run_dir / "report.json").read_text())
+        report["export"] = section
+        report["target"] = target_summary(cfg.target, section)
+        report.pop("device_latency", None)  # it measured the previous engine
+        report.setdefault("run", {}).setdefault("exports", []).append(
+            {"command": "medkd-export " + " ".join([str(run_dir), *overrides]),
+             "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+             "medkd_source": source})
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
+        md_path, _ = write_report(run_dir, report)
+        log(f"{deployed_summary(section)}; report: {md_path}")
+        # The training side (checkpoint, student) keeps its recorded digests: never re-blessed here.
+        ours = {path.name for path in previous_artifacts(run_dir, "model")} | {"config.yaml", "report.json",
+                                                                             "report.md"}
+        write_manifest(run_dir, rewritten=lambda rel: rel.split("/")[0] in ours)
     return report
 
 
@@ -121,12 +149,25 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"run directory {run_dir} not found")
         reexport(run_dir, overrides)
     except UserError as exc:
-        print(f"medkd-export: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return _fail(exc)
     except KeyboardInterrupt:
         print("medkd-export: interrupted; the previous export is unchanged", file=sys.stderr)
         return 130
+    except Exception as exc:  # a full disk or exhausted memory is the user's to fix; anything else is a bug
+        from .resource_errors import resource_error
+
+        error = resource_error(exc, f"the run directory {run_dir}",
+                               retry="run the same medkd-export again",
+                               settings="export.calibration.images, export.validation_images, export.latency_batches")
+        if error is None:
+            raise
+        return _fail(error)
     return 0
+
+
+def _fail(exc: UserError) -> int:
+    print(f"medkd-export: error: {exc}", file=sys.stderr)
+    return exc.exit_code
 
 
 if __name__ == "__main__":

@@ -25,7 +25,11 @@ def training_pool(task: TaskData) -> ImageSet:
     if task.unlabelled is None:
         return task.train
     withheld = torch.full((len(task.unlabelled),), UNLABELLED, dtype=task.train.labels.dtype)
-    return ImageSet(torch.cat([task.train.images, task.unlabelled]), torch.cat([task.train.labels, withheld]))
+    task_ids = None  # multi-task data: the withheld images keep their task ids
+    if task.train.task_ids is not None:
+        task_ids = torch.cat([task.train.task_ids, task.unlabelled_task_ids])
+    return ImageSet(torch.cat([task.train.images, task.unlabelled]), torch.cat([task.train.labels, withheld]),
+                    task_ids)
 
 
 def make_plan(cfg: DictConfig, task: TaskData) -> ExportPlan:

@@ -1,40 +1,48 @@
 """`medkd-build` end to end: data -> teacher features -> recipe training -> export -> report.
 
-Everything the user can get wrong (data, model names, weights, run directory) is
-checked before the run directory is touched, so a bad invocation leaves nothing behind.
+Everything the user can get wrong (data, model names, weights, export options, run
+directory, resume checkpoint) is checked before the run directory is touched, so a bad
+invocation leaves nothing behind. The run directory is locked for the whole build
+(medkd.toolchain.rundir) and gets a manifest.sha256 when the build finishes.
 """
 
 from __future__ import annotations
 
 import platform
 import sys
-from datetime import datetime, timezone
-import shutil
 import time
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
-from medkd.export.run_export import STAGING, previous_artifacts
 from medkd.recipes import build_recipe
 
 from .atomic import atomic_save, atomic_write_text
-from .checkpoint import CHECKPOINT_NAME, config_fingerprint
+from .checkpoint import config_fingerprint
 from .config import default_run_dir
 from .data import load_task
-from .data.base import ImageSet
+from .data.base import ImageSet, TaskData
+from .data.sampling import holdout_split
+from .device import check_precision
+from .distributed import DistContext, broadcast_object, compute_once, setup, teardown
 from .errors import UserError
 from .export_stage import deployed_summary, make_plan, run_export, training_pool
 from .features import teacher_features
+from .metrics_log import NullMetricsLogger, build_metrics_logger
 from .models.students import build_student, count_parameters
 from .models.teachers import build_teacher
+from .progress import StageTimer, policy_from_config
+from .provenance import data_digest, source_revision, teacher_weights, write_manifest
 from .report import write_report
+from .rundir import LOG_NAME, check_location, locked, prepare
 from .targets import target_summary
-from .train import TrainSettings, accuracy, fit, predict
-
-ARTIFACTS = ("config.yaml", CHECKPOINT_NAME, "student.safetensors", "report.json", "report.md")
+from .train import TrainSettings, accuracy, fit, predict, teacher_branch_accuracy
 
 
 class RunLog:
@@ -59,25 +67,8 @@ class RunLog:
         self.pending.clear()
 
 
-def progress_setting(cfg: DictConfig) -> bool | None:
-    return None if cfg.progress == "auto" else bool(cfg.progress)
-
-
-def prepare_run_dir(cfg: DictConfig) -> Path:
-    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
-    has_previous = run_dir.exists() and any((run_dir / name).exists() for name in ARTIFACTS)
-    if has_previous and not (cfg.resume or cfg.overwrite):
-        raise UserError(
-            f"{run_dir} already holds a run; pass resume=true to continue it, "
-            "overwrite=true to replace it, or run_dir=NEW_DIR"
-        )
-    if cfg.overwrite and run_dir.exists():
-        for name in ARTIFACTS:
-            (run_dir / name).unlink(missing_ok=True)
-        for path in [*previous_artifacts(run_dir, "model"), run_dir / STAGING]:
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+def resolve_run_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
 
 
 def training_fingerprint(cfg: DictConfig) -> str:
@@ -94,20 +85,46 @@ def training_set(task, recipe) -> ImageSet:
     return training_pool(task) if recipe.uses_unlabelled else task.train
 
 
-def run(cfg: DictConfig) -> dict:
-    log = RunLog()
-    started = time.perf_counter()
-    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    if cfg.threads:
-        torch.set_num_threads(int(cfg.threads))
-    torch.manual_seed(cfg.seed)
-    progress = progress_setting(cfg)
+def split_validation(task: TaskData, fraction: float, seed: int) -> tuple[TaskData, ImageSet | None]:
+    """Hold out `fraction` of the labelled training images (per class) for per-epoch validation.
 
-    # 1. Everything that can fail on user input, before any file is written.
-    task = load_task(cfg.data)
+    Training then never sees them, and the test split is left for one evaluation at the end.
+    For patch data sets the held-out patches are neighbours of training patches, so this
+    watches training; it does not measure generalisation (the test split does).
+    """
+    if fraction <= 0:
+        return task, None
+    keep, held_out = holdout_split(task.train.labels.numpy(), fraction, seed)
+    return replace(task, train=task.train.subset(torch.from_numpy(keep))), task.train.subset(torch.from_numpy(held_out))
+
+
+@dataclass
+class BuildInputs:
+    """Everything a build needs, checked before the run directory is touched."""
+
+    run_dir: Path
+    task: TaskData  # its train split excludes `val`
+    val: ImageSet | None
+    train: ImageSet  # what the recipe trains on (with the transfer set where it uses one)
+    teacher: object | None
+    recipe: object
+    plan: object
+    fingerprint: str
+    teacher_info: dict | None  # for the report, kept after the teacher itself is released
+
+
+def check_inputs(cfg: DictConfig, ctx: DistContext, log) -> BuildInputs:
+    run_dir = resolve_run_dir(cfg)
+    check_location(run_dir)
+    check_precision(cfg.train.precision, ctx.device)
+    if cfg.train.batch_size % ctx.world_size:
+        raise UserError(f"train.batch_size={cfg.train.batch_size} must be a multiple of the number of "
+                        f"processes ({ctx.world_size})")
+    full_task = load_task(cfg.data)
+    task, val = split_validation(full_task, cfg.train.val_fraction, cfg.seed)
     log(
-        f"data: {task.name}  {len(task.train)} train / {len(task.test)} test  "
-        f"{task.num_classes} classes  {task.in_chans}x{task.image_size}x{task.image_size}"
+        f"data: {task.name}  {len(task.train)} train / {len(val) if val else 0} validation / "
+        f"{len(task.test)} test  {task.num_classes} classes  {task.in_chans}x{task.image_size}x{task.image_size}"
     )
     student = build_student(cfg.student, task.num_classes, task.in_chans, task.image_size)
     teacher = build_teacher(cfg.teacher) if cfg.recipe.needs_teacher else None
@@ -115,95 +132,157 @@ def run(cfg: DictConfig) -> dict:
     train = training_set(task, recipe)
     if len(train) > len(task.train):
         log(f"transfer set: + {len(train) - len(task.train)} training images with withheld labels")
-    plan = make_plan(cfg, task)
-    run_dir = prepare_run_dir(cfg)
-    log.attach(run_dir / "log.txt")
-    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
-    log(f"run directory: {run_dir}")
+    plan = make_plan(cfg, full_task)
+    teacher_info = None if teacher is None else {
+        **OmegaConf.to_container(cfg.teacher), "feature_dim": teacher.feature_dim,
+        "weights": cfg.teacher.checkpoint or f"shipped with the package ({teacher.fingerprint})"}
+    return BuildInputs(run_dir, task, val, train, teacher, recipe, plan, training_fingerprint(cfg), teacher_info)
 
-    stage_seconds = {"setup": round(time.perf_counter() - started, 1)}
-    mark = time.perf_counter()
 
-    # 2. Frozen-teacher features, once per image set (cached across runs).
-    train_features = test_features = teacher_info = None
-    if teacher is not None:
-        cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else None
-        train_features = teacher_features(
-            teacher, train.images, cache_dir, cfg.train.teacher_batch_size,
-            desc="teacher features (train)", progress=cfg.progress
-        )
-        test_features = teacher_features(
-            teacher, task.test.images, cache_dir, cfg.train.teacher_batch_size,
-            desc="teacher features (test)", progress=cfg.progress
-        )
-        teacher_info = {**OmegaConf.to_container(cfg.teacher), "feature_dim": teacher.feature_dim,
-                        "weights": cfg.teacher.checkpoint or f"shipped with the package ({teacher.fingerprint})"}
-        del teacher  # the frozen model is not needed past this point
+def shared_teacher_features(cfg: DictConfig, ctx: DistContext, inputs: BuildInputs, progress) -> dict:
+    """Frozen-teacher features (cached across runs): rank 0 computes, every rank gets train/val;
+    test features only on rank 0, which alone evaluates the test split."""
+    if inputs.teacher is None:
+        return {"train": None, "val": None, "test": None}
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else None
 
-    stage_seconds["teacher_features"] = round(time.perf_counter() - mark, 1)
-    mark = time.perf_counter()
+    def features(images, split):
+        return teacher_features(inputs.teacher, images, cache_dir, cfg.train.teacher_batch_size,
+                                desc=f"teacher features ({split})", progress=progress)
 
-    # 3. Train with per-epoch checkpoints.
-    settings = TrainSettings(
-        epochs=cfg.train.epochs,
-        batch_size=cfg.train.batch_size,
-        lr=cfg.train.lr,
-        weight_decay=cfg.train.weight_decay,
-        seed=cfg.seed,
-        progress=progress,
-    )
-    result = fit(
-        recipe,
-        train,
-        task.test,
-        settings,
-        run_dir,
-        training_fingerprint(cfg),
-        train_features,
-        test_features,
-        resume=cfg.resume,
-        log=log,
-    )
-    deployable = recipe.deployable().eval()
-    student_accuracy = accuracy(predict(deployable, task.test.images), task.test.labels)
-    atomic_save(run_dir / "student.safetensors", lambda tmp: save_file(_contiguous(deployable.state_dict()), str(tmp)))
+    return {
+        "train": compute_once(ctx, lambda: features(inputs.train.images, "train")),
+        "val": compute_once(ctx, lambda: features(inputs.val.images, "val")) if inputs.val else None,
+        "test": features(inputs.task.test.images, "test") if ctx.is_main else None,
+    }
 
-    stage_seconds["training"] = round(time.perf_counter() - mark, 1)
-    mark = time.perf_counter()
 
-    # 4. Export for the target: fold, ONNX, fp16/int8 behind parity and the accuracy guard,
-    #    TensorRT engine or on-device bundle, firmware container, latency, plots.
-    export = run_export(cfg, run_dir, task, recipe.deployables(), plan, log, progress)
+@contextmanager
+def main_rank_holds(ctx: DistContext, run_dir: Path, cfg: DictConfig, fingerprint: str) -> Iterator[None]:
+    """Rank 0 locks and prepares the run directory for the whole block; the other ranks wait
+    for it and share its verdict, so a refused build stops every process with the same error."""
+    with ExitStack() as stack:
+        error = None
+        if ctx.is_main:
+            try:
+                stack.enter_context(locked(run_dir))
+                # The resume checkpoint is checked here, before teacher features or any file.
+                prepare(run_dir, resume=cfg.resume, overwrite=cfg.overwrite, fingerprint=fingerprint)
+            except UserError as exc:
+                error = str(exc)
+        error = broadcast_object(ctx, error)
+        if error:
+            raise UserError(error)
+        yield
 
-    report = {
+
+def run(cfg: DictConfig) -> dict:
+    """One build; under torchrun every rank calls this, rank 0 alone writes and returns the report."""
+    ctx = setup(cfg.device)
+    try:
+        return _run(cfg, ctx)
+    finally:
+        teardown(ctx)
+
+
+def _run(cfg: DictConfig, ctx: DistContext) -> dict:
+    log = RunLog() if ctx.is_main else (lambda line: None)
+    started = time.perf_counter()
+    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    torch.manual_seed(cfg.seed)
+    progress = policy_from_config(cfg)
+    source = source_revision()  # the code as it was when the build started
+    stages = StageTimer(log)
+
+    # 1. Everything that can fail on user input, before any file is written.
+    with stages("setup", quiet_start=True):
+        inputs = check_inputs(cfg, ctx, log)
+    run_dir, task, recipe = inputs.run_dir, inputs.task, inputs.recipe
+
+    with main_rank_holds(ctx, run_dir, cfg, inputs.fingerprint):
+        metrics = NullMetricsLogger()
+        if ctx.is_main:
+            log.attach(run_dir / LOG_NAME)
+            atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
+            log(f"run directory: {run_dir}" + (f" ({ctx.world_size} processes)" if ctx.enabled else ""))
+            metrics = build_metrics_logger(cfg.logger, run_dir)
+
+        # 2. Frozen-teacher features, once per image set (cached across runs).
+        with stages("teacher_features"):
+            features = shared_teacher_features(cfg, ctx, inputs, progress)
+            inputs.teacher = None  # the frozen model is not needed past this point
+
+        # 3. Train with per-epoch checkpoints; the test split is evaluated once, after.
+        settings = TrainSettings(epochs=cfg.train.epochs, batch_size=cfg.train.batch_size, lr=cfg.train.lr,
+                                 weight_decay=cfg.train.weight_decay, seed=cfg.seed, progress=progress,
+                                 precision=cfg.train.precision)
+        try:
+            with stages("training"):
+                result = fit(recipe, inputs.train, inputs.val, settings, run_dir, inputs.fingerprint,
+                             features["train"], features["val"], resume=cfg.resume, log=log,
+                             device=ctx.device, dist=ctx, on_epoch_end=lambda r: metrics.log_epoch(r["epoch"], r))
+        finally:
+            metrics.close()
+        if not ctx.is_main:
+            return {}
+        deployable = recipe.deployable().eval()
+        with stages("test_evaluation", quiet_start=True):
+            student_accuracy = accuracy(predict(deployable, task.test.images), task.test.labels)
+            teacher_accuracy = teacher_branch_accuracy(recipe, features["test"], task.test.labels)
+        weights = _contiguous(deployable.state_dict())
+        atomic_save(run_dir / "student.safetensors", lambda tmp: save_file(weights, str(tmp)))
+
+        # 4. Export for the target: fold, ONNX, fp16/int8 behind parity and the accuracy guard,
+        #    TensorRT engine or on-device bundle, firmware container, latency, plots.
+        with stages("export"):
+            export = run_export(cfg, run_dir, task, recipe.deployables(), inputs.plan, log, progress)
+
+        timing = {"wall_time_s": round(time.perf_counter() - started, 1), "stage_seconds": dict(stages.seconds),
+                  "started_at": started_at}
+        report = build_report(cfg, inputs, result, export, timing, source,
+                              student_accuracy, teacher_accuracy, count_parameters(deployable))
+        md_path, _ = write_report(run_dir, report)
+        log(f"test accuracy {student_accuracy:.4f} (PyTorch fp32); {deployed_summary(export)}; report: {md_path}")
+        write_manifest(run_dir)  # last: every file of the run is in place
+        return report
+
+
+def build_report(cfg, inputs: BuildInputs, result, export: dict, timing: dict, source: dict, student_accuracy: float, teacher_accuracy: float | None, parameters: int) -> dict:
+    task, train = inputs.task, inputs.train
+    return {
         "run": {
             "recipe": cfg.recipe.name,
-            "run_dir": str(run_dir),
+            "run_dir": str(inputs.run_dir),
             "seed": cfg.seed,
             "resumed_from_epoch": result.resumed_from_epoch,
-            "wall_time_s": round(time.perf_counter() - started, 1),
-            "stage_seconds": {**stage_seconds, "export": round(time.perf_counter() - mark, 1)},
-            "started_at": started_at,
+            **timing,
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "command": "medkd-build " + " ".join(sys.argv[1:]) if sys.argv and "medkd-build" in sys.argv[0] else None,
+            "command": ("medkd-build " + " ".join(sys.argv[1:])
+                        if sys.argv and "medkd-build" in sys.argv[0] else None),
             "versions": _versions(),
         },
-        "data": {"name": task.name, "train": len(task.train), "test": len(task.test),
-                 "unlabelled_transfer_set": len(train) - len(task.train),
+        "data": {"name": task.name, "train": len(task.train), "validation": len(inputs.val) if inputs.val else 0,
+                 "test": len(task.test), "unlabelled_transfer_set": len(train) - len(task.train),
                  "num_classes": task.num_classes, "class_names": task.class_names,
                  "image_shape": [task.in_chans, task.image_size, task.image_size],
                  "provenance": task.provenance},
-        "teacher": teacher_info,
-        "student": {"name": cfg.student.name, "parameters": count_parameters(deployable)},
+        "teacher": inputs.teacher_info,
+        "student": {"name": cfg.student.name, "parameters": parameters},
         "training": {"epochs": cfg.train.epochs, "history": result.history,
-                     "test_accuracy": student_accuracy,
-                     "teacher_test_accuracy": result.history[-1].get("teacher_test_accuracy") if result.history else None},
+                     "test_accuracy": student_accuracy, "teacher_test_accuracy": teacher_accuracy,
+                     "device": result.device, "precision": result.precision, "world_size": result.world_size,
+                     "kernel_backends": result.kernel_backends},
         "export": export,
         "target": target_summary(cfg.target, export),
+        "provenance": {
+            "medkd_source": source,
+            "data": data_digest(task),
+            "teacher_weights": teacher_weights(cfg.teacher) if cfg.recipe.needs_teacher else None,
+            "manifest": "manifest.sha256 (check with: medkd-verify RUN_DIR)",
+        },
     }
-    md_path, json_path = write_report(run_dir, report)
-    log(f"test accuracy {student_accuracy:.4f} (PyTorch fp32); {deployed_summary(export)}; report: {md_path}")
-    return report
 
 
 def _contiguous(state: dict) -> dict:

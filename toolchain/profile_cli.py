@@ -113,8 +113,13 @@ def add_device_latency(run_dir: str | Path, paths: list[str], batch: int | None 
     section = device_latency_section(roles[TIMES], roles.get(PROFILE), roles.get(LAYERS), batch_size=batch)
     section["batch_source"] = batch_source
     report["device_latency"] = section
+    from .provenance import write_manifest
+    from .rundir import locked
+
     try:
-        write_report(run_dir, report)
+        with locked(run_dir):  # no build or export writes the run meanwhile; the manifest follows
+            write_report(run_dir, report)
+            write_manifest(run_dir, rewritten=lambda rel: rel in ("report.json", "report.md"))
     except OSError as exc:
         raise UserError(f"cannot write the report in {run_dir} ({exc.strerror})") from None
     return section

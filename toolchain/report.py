@@ -40,6 +40,10 @@ non-finite floats are written as the strings "NaN"/"Infinity"/"-Infinity")::
                                 latency: {precision: [profile_onnx_matrix rows]},
                                 plots: [relative PNG paths], stage_seconds: {stage: float}}}
     device_latency: added by `medkd-profile` from trtexec's exported JSON
+    provenance: medkd_source: {commit: str | None, dirty: bool | None}   (None: not a git checkout)
+                data: {sha256: str, parts: {name: sha256}}   digest of the train/test tensors
+                teacher_weights: {file: str, sha256: str} | None
+                manifest: str          where the run's file digests are (manifest.sha256)
     target:     name, description, runtime ("onnxruntime" | "tensorrt"), precision, arch
                 remaining: str | [str]  what is still to do for this target; when absent it is
                     derived from `runtime`
@@ -360,13 +364,52 @@ def render_markdown(report: dict) -> str:
         f"- Split rule: {_txt(_first((data, 'split_rule'), (provenance, 'split_rule')))}",
         f"- Split sizes: {_txt(sizes)}",
         f"- Classes: {_txt(data.get('num_classes'))} ({_txt(data.get('class_names'))})",
+        *_baseline_lines(provenance.get("intensity_baseline")),
         f"- Teacher: {_txt(teacher_name)} (weights: {_txt(_first((teacher, 'weights'), (teacher, 'checkpoint')))})",
         f"- Seeds: {_txt(seeds)}",
         f"- Command: {_txt(run.get('command'))}",
         "- Versions: " + (", ".join(f"{k} {_txt(v)}" for k, v in versions.items()) if versions else NA),
+        *_source_lines(_sec(report, "provenance")),
         "",
     ]
     return "\n".join(out)
+
+
+def _baseline_lines(baseline) -> list[str]:
+    """The one-feature intensity baseline (medkd.toolchain.data.baseline), per task if several."""
+    if not isinstance(baseline, dict) or not baseline:
+        return []
+    per_task = baseline if "best" not in baseline else {None: baseline}
+    lines = []
+    for task, b in per_task.items():
+        if isinstance(b, dict):
+            lines.append(
+                f"- Mean-intensity baseline{f' ({task})' if task else ''} (fitted on train, test accuracy): "
+                f"best {_pct(b.get('best'))} (nearest class mean {_pct(b.get('nearest_class_mean'))}, "
+                f"{_txt(b.get('bins'))} bins {_pct(b.get('binned_majority'))}, "
+                f"majority class {_pct(b.get('majority_class'))})"
+            )
+    return lines
+
+
+def _source_lines(provenance: dict) -> list[str]:
+    """medkd's git commit, data and teacher-weights digests, the manifest (see medkd.toolchain.provenance)."""
+    if not provenance:
+        return []
+    source = provenance.get("medkd_source") if isinstance(provenance.get("medkd_source"), dict) else {}
+    if source.get("commit"):
+        code = f"git {source['commit']}" + (" (with uncommitted changes)" if source.get("dirty") else "")
+    else:
+        code = "not a git checkout (no commit recorded)"
+    data = provenance.get("data") if isinstance(provenance.get("data"), dict) else {}
+    weights = provenance.get("teacher_weights") if isinstance(provenance.get("teacher_weights"), dict) else {}
+    return [
+        f"- medkd source: {code}",
+        f"- Data sha256 (train/test images and labels): {_txt(data.get('sha256'))}",
+        f"- Teacher weights sha256: {_txt(weights.get('sha256'))} ({_txt(weights.get('file'))})" if weights
+        else "- Teacher weights sha256: n/a (no teacher)",
+        f"- File digests: {_txt(provenance.get('manifest'))}",
+    ]
 
 
 def write_report(run_dir: str | os.PathLike, report: dict) -> tuple[Path, Path]:

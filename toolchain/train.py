@@ -1,9 +1,19 @@
-"""The training loop shared by every recipe: epochs, evaluation, checkpoint, resume.
+"""The training loop shared by every recipe: device, precision, DDP, checkpoint, resume.
 
-After every epoch the whole training state (recipe modules, optimizer, LR schedule,
-shuffling RNG, history) is checkpointed atomically, so a killed run rerun with
-`resume=true` continues from the last finished epoch and ends where an unkilled
-run would have.
+After every epoch the whole training state (recipe modules, optimizer, LR schedule, loss
+scaler, shuffling RNG, history) is checkpointed atomically, so a killed run rerun with
+`resume=true` continues from the last finished epoch and ends where an unkilled run would
+have.
+
+The step loop never waits for the device: recipes return their loss parts as detached
+tensors, which are summed on the device and read once per epoch (plus one read every
+POSTFIX_EVERY steps for the progress bar's running loss), and the fused AdamW keeps its
+step counters on the device.
+
+Under torchrun (see distributed.py) every rank draws the same seeded permutation and takes
+an equal contiguous share of each global batch of `batch_size` rows, so the averaged
+gradients equal a single process's full-batch gradient; rank 0 alone logs and checkpoints.
+The test split is not seen here: `val` (optional) is evaluated after every epoch.
 """
 
 from __future__ import annotations
@@ -11,37 +21,61 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
-from tqdm.auto import tqdm
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
+from medkd.kernels._dispatch import backends_run, reset_backends_run
 from medkd.recipes import Batch, Recipe
 
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from .data.base import ImageSet
+from .device import autocast, batch_to, check_precision, grad_scaler
+from .distributed import DistContext, all_reduce_sum, barrier, broadcast_object, sync_buffers
+from .errors import UserError
+from .progress import ProgressPolicy, as_policy
+
+# The progress bar's running loss costs one device->host read; on a GPU a read per step
+# would stall the launch queue every step, one per 50 steps costs well under 1 %.
+POSTFIX_EVERY = 50
 
 
 @dataclass
 class TrainSettings:
     epochs: int
-    batch_size: int
+    batch_size: int  # the global batch: split over the processes under torchrun
     lr: float
     weight_decay: float
     seed: int
-    progress: bool | None = None  # None = tqdm decides (off when not a terminal)
+    progress: bool | None | ProgressPolicy = None  # None = bars on a terminal, lines elsewhere
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (see device.py)
 
 
 @dataclass
 class TrainResult:
     history: list[dict] = field(default_factory=list)
     resumed_from_epoch: int = 0
+    device: str = "cpu"
+    precision: str = "fp32"
+    world_size: int = 1
+    # Which backend each fused kernel ran on, e.g. {"cka": "triton"}; empty if none ran.
+    kernel_backends: dict[str, str] = field(default_factory=dict)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 @torch.no_grad()
 def predict(model, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Logits (on the CPU) of `model` for CPU `images`, run wherever the model is."""
+    device = _model_device(model)
     was_training = model.training
     model.eval()
-    logits = torch.cat([model(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
+    logits = torch.cat([model(images[i : i + batch_size].to(device)).float().cpu()
+                        for i in range(0, len(images), batch_size)])
     model.train(was_training)
     return logits
 
@@ -51,32 +85,140 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def teacher_branch_accuracy(recipe: Recipe, features: torch.Tensor | None, labels) -> float | None:
+def teacher_branch_accuracy(recipe: Recipe, features: torch.Tensor | None, labels: torch.Tensor) -> float | None:
+    """Accuracy of the recipe's teacher branch on precomputed teacher features (e.g. the
+    test split's, once after training); None without features or a teacher branch."""
     if features is None:
         return None
     was_training = recipe.training
     recipe.eval()
-    logits = recipe.teacher_logits(features)
+    logits = recipe.teacher_logits(features.to(_model_device(recipe)))
     recipe.train(was_training)
-    return None if logits is None else accuracy(logits, labels)
+    return None if logits is None else accuracy(logits.cpu(), labels)
+
+
+def step_indices(order: torch.Tensor, step: int, batch_size: int, rank: int = 0, world_size: int = 1):
+    """This rank's rows of global batch `step` of the permutation `order`.
+
+    The global batch is the slice a single process would take; each rank takes an equal
+    contiguous share. A last batch whose size is not a multiple of world_size is padded
+    with rows from the start of the permutation (as DistributedSampler pads), so every
+    rank averages its loss over the same number of rows and all ranks take the same
+    number of steps.
+    """
+    rows = order[step * batch_size : (step + 1) * batch_size]
+    pad = (-len(rows)) % world_size
+    if pad:
+        rows = torch.cat([rows, order.repeat(math.ceil(pad / len(order)))[:pad]])
+    share = len(rows) // world_size
+    return rows[rank * share : (rank + 1) * share]
+
+
+class RecipeLoss(nn.Module):
+    """recipe.loss as a forward(), so DistributedDataParallel's hooks see the step."""
+
+    def __init__(self, recipe: Recipe):
+        super().__init__()
+        self.recipe = recipe
+
+    def forward(self, images, labels, teacher_features):
+        return self.recipe.loss(Batch(images, labels, teacher_features))
+
+
+@torch.no_grad()
+def _correct_count(predict_logits, inputs: torch.Tensor, labels: torch.Tensor, ctx: DistContext,
+                   batch_size: int = 256) -> torch.Tensor:
+    """[correct, total] over every rank's share of (inputs, labels), summed on the device.
+
+    `inputs` may live on the CPU (images, moved per chunk) or on the device (features).
+    """
+    share = torch.arange(len(labels)).tensor_split(ctx.world_size)[ctx.rank]
+    counts = torch.zeros(2, dtype=torch.int64, device=ctx.device)
+    for chunk in share.split(batch_size):
+        logits = predict_logits(batch_to(inputs[chunk.to(inputs.device)], ctx.device))
+        counts[0] += (logits.argmax(1) == labels[chunk.to(labels.device)]).sum()
+        counts[1] += len(chunk)
+    return all_reduce_sum(ctx, counts)
+
+
+@torch.no_grad()
+def _evaluate(recipe: Recipe, val: ImageSet, val_features: torch.Tensor | None, ctx: DistContext) -> dict:
+    """val_accuracy, and teacher_val_accuracy for recipes with a teacher branch."""
+    was_training = recipe.training
+    recipe.eval()
+    labels = val.labels.to(ctx.device)
+    counts = {"val_accuracy": _correct_count(recipe.deployable(), val.images, labels, ctx)}
+    if val_features is not None and len(val_features) and recipe.teacher_logits(val_features[:1]) is not None:
+        counts["teacher_val_accuracy"] = _correct_count(recipe.teacher_logits, val_features, labels, ctx)
+    recipe.train(was_training)
+    values = torch.stack(list(counts.values())).tolist()  # the one device read of the evaluation
+    return {k: correct / max(total, 1) for k, (correct, total) in zip(counts, values)}
+
+
+def _resume_state(checkpoint_path: Path, fingerprint: str, ctx: DistContext) -> dict | None:
+    """Rank 0 reads and checks the checkpoint; every rank gets the same state (or error),
+    also when the other nodes cannot see rank 0's filesystem."""
+    state = error = None
+    if ctx.is_main and checkpoint_path.exists():
+        try:
+            state = load_checkpoint(checkpoint_path, fingerprint)
+        except UserError as exc:
+            error = str(exc)
+    state, error = broadcast_object(ctx, (state, error))
+    if error:
+        raise UserError(error)
+    return state
 
 
 def fit(
     recipe: Recipe,
     train: ImageSet,
-    test: ImageSet,
+    val: ImageSet | None,
     settings: TrainSettings,
     run_dir: Path,
     config_fingerprint: str,
     train_teacher_features: torch.Tensor | None = None,
-    test_teacher_features: torch.Tensor | None = None,
+    val_teacher_features: torch.Tensor | None = None,
     resume: bool = False,
     log=print,
+    *,
+    device: torch.device | str | None = None,
+    dist: DistContext | None = None,
+    on_epoch_end: Callable[[dict], None] | None = None,
 ) -> TrainResult:
+    """Train `recipe` on `train`; `val` (may be None) is evaluated after every epoch.
+
+    device: where to train (default: dist.device, else the CPU); dist: the torchrun
+    context from distributed.setup() (default: a single process); on_epoch_end: called
+    with each epoch's record (losses, val metrics) once it is checkpointed, on rank 0
+    only, like `log` (e.g. TensorBoard scalars). The recipe is returned on the CPU, in
+    eval mode, ready for export.
+    """
+    if dist is None:
+        dist = DistContext(device=torch.device(device if device is not None else "cpu"))
+    device = torch.device(device) if device is not None else dist.device
+    if device.type == "cuda" and device.index is None:  # "cuda" -> "cuda:N", as tensors report it
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device != dist.device:
+        dist = DistContext(dist.rank, dist.world_size, dist.local_rank, device)
+    check_precision(settings.precision, device)
+    if settings.batch_size % dist.world_size:
+        raise UserError(f"train.batch_size={settings.batch_size} must be a multiple of the number of "
+                        f"processes ({dist.world_size}): it is the global batch, split evenly over them")
+    if not dist.is_main:
+        log = _quiet
+
+    recipe.to(device)
+    train_labels = train.labels.to(device)
+    train_features = None if train_teacher_features is None else train_teacher_features.to(device)
+    val_features = None if val_teacher_features is None or val is None else val_teacher_features.to(device)
     optimizer = torch.optim.AdamW(
         [p for p in recipe.parameters() if p.requires_grad],
         lr=settings.lr,
         weight_decay=settings.weight_decay,
+        # Fused: the step counters live on the device (the default keeps them on the host
+        # and reads them every step), and GradScaler skips its own per-step read.
+        fused=device.type in ("cpu", "cuda"),
     )
     steps_per_epoch = math.ceil(len(train) / settings.batch_size)
     total_steps = settings.epochs * steps_per_epoch
@@ -84,77 +226,113 @@ def fit(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
     )
+    scaler = grad_scaler(settings.precision, device)
     shuffle_rng = torch.Generator().manual_seed(settings.seed)
-    result = TrainResult()
+    result = TrainResult(device=str(device), precision=settings.precision, world_size=dist.world_size)
     start_epoch = 0
 
     checkpoint_path = run_dir / CHECKPOINT_NAME
-    if resume and checkpoint_path.exists():
-        state = load_checkpoint(checkpoint_path, config_fingerprint)
+    state = _resume_state(checkpoint_path, config_fingerprint, dist) if resume else None
+    if state is not None:
         recipe.load_state_dict(state["recipe"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if state.get("grad_scaler"):
+            scaler.load_state_dict(state["grad_scaler"])
         shuffle_rng.set_state(state["shuffle_rng"])
         torch.set_rng_state(state["torch_rng"])
+        if device.type == "cuda" and "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
         result.history = list(state["history"])
         start_epoch = result.resumed_from_epoch = int(state["epoch"])
         log(f"resuming from {checkpoint_path} after epoch {start_epoch}/{settings.epochs}")
     else:
         if resume:
             log(f"resume=true but no checkpoint in {run_dir}; starting from epoch 0")
-        recipe.prepare(train_teacher_features, train.labels)
+        recipe.prepare(train_features, train_labels)
+
+    model = RecipeLoss(recipe)
+    if dist.enabled:
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    log(f"training on {device}, precision {settings.precision}"
+        + (f", {dist.world_size} processes (global batch {settings.batch_size})" if dist.enabled else ""))
+    policy = as_policy(settings.progress) if dist.is_main else ProgressPolicy(False)
+    show_running_loss = policy.mode is not False  # no device read for a bar nobody sees
+    reset_backends_run()
 
     for epoch in range(start_epoch, settings.epochs):
         recipe.train()
         order = torch.randperm(len(train), generator=shuffle_rng)
-        running: dict[str, float] = {}
-        bar = tqdm(
-            range(steps_per_epoch),
-            desc=f"epoch {epoch + 1}/{settings.epochs}",
-            unit="batch",
-            leave=False,
-            disable=False if settings.progress else None if settings.progress is None else True,
-        )
-        for step in bar:
-            index = order[step * settings.batch_size : (step + 1) * settings.batch_size]
-            batch = Batch(
-                train.images[index],
-                train.labels[index],
-                None if train_teacher_features is None else train_teacher_features[index],
-            )
-            loss, parts = recipe.loss(batch)
+        order_on_device = order.to(device)
+        sums: dict[str, torch.Tensor] = {}
+        bar = policy.bar(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{settings.epochs}", unit="batch")
+        for step in range(steps_per_epoch):
+            index = step_indices(order, step, settings.batch_size, dist.rank, dist.world_size)
+            index_on_device = step_indices(order_on_device, step, settings.batch_size, dist.rank, dist.world_size)
+            with autocast(settings.precision, device):
+                loss, parts = model(
+                    batch_to(train.images[index], device),
+                    train_labels[index_on_device],
+                    None if train_features is None else train_features[index_on_device],
+                )
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
-            for key, value in {"loss": loss.item(), **parts}.items():
-                running[key] = running.get(key, 0.0) + value
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            for key, value in {"loss": loss.detach(), **parts}.items():
+                value = value.float()
+                sums[key] = sums[key] + value if key in sums else value
+            if epoch == start_epoch and step == 0:
+                result.kernel_backends = backends_run()
+                for op, backend in result.kernel_backends.items():
+                    log(f"{op} backend: {backend}")
+            bar.update(1)
+            if show_running_loss and (step + 1) % POSTFIX_EVERY == 0:
+                bar.set_postfix(loss=f"{sums['loss'].item() / (step + 1):.3f}")
         bar.close()
 
-        record = {"epoch": epoch + 1, **{k: v / steps_per_epoch for k, v in running.items()}}
-        record["test_accuracy"] = accuracy(predict(recipe.deployable(), test.images), test.labels)
-        teacher_acc = teacher_branch_accuracy(recipe, test_teacher_features, test.labels)
-        if teacher_acc is not None:
-            record["teacher_test_accuracy"] = teacher_acc
+        keys = sorted(sums)
+        totals = all_reduce_sum(dist, torch.stack([sums[k] for k in keys]))
+        means = (totals / (steps_per_epoch * dist.world_size)).tolist()  # the epoch's one read
+        record = {"epoch": epoch + 1, **dict(zip(keys, means))}
+        sync_buffers(dist, recipe)
+        if val is not None:
+            record.update(_evaluate(recipe, val, val_features, dist))
         result.history.append(record)
         log(
-            f"epoch {epoch + 1}/{settings.epochs}  loss {record['loss']:.4f}  "
-            f"test acc {record['test_accuracy']:.4f}"
-            + (f"  teacher-branch acc {teacher_acc:.4f}" if teacher_acc is not None else "")
+            f"epoch {epoch + 1}/{settings.epochs}  loss {record['loss']:.4f}"
+            + (f"  val acc {record['val_accuracy']:.4f}" if "val_accuracy" in record else "")
+            + (f"  teacher-branch val acc {record['teacher_val_accuracy']:.4f}"
+               if "teacher_val_accuracy" in record else "")
         )
-        save_checkpoint(
-            run_dir,
-            {
-                "config_fingerprint": config_fingerprint,
-                "epoch": epoch + 1,
-                "recipe": recipe.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "shuffle_rng": shuffle_rng.get_state(),
-                "torch_rng": torch.get_rng_state(),
-                "history": result.history,
-            },
-        )
+        if dist.is_main:
+            save_checkpoint(run_dir, _training_state(config_fingerprint, epoch + 1, recipe, optimizer, scheduler,
+                                                      scaler, shuffle_rng, device, result.history))
+            if on_epoch_end is not None:
+                on_epoch_end(record)
+    barrier(dist)  # every rank returns once rank 0's last checkpoint is on disk
     recipe.eval()
+    recipe.to("cpu")
     return result
+
+
+def _training_state(fingerprint, epoch, recipe, optimizer, scheduler, scaler, shuffle_rng, device, history) -> dict:
+    state = {
+        "config_fingerprint": fingerprint,
+        "epoch": epoch,
+        "recipe": recipe.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "grad_scaler": scaler.state_dict(),  # {} unless fp16
+        "shuffle_rng": shuffle_rng.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "history": history,
+    }
+    if device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _quiet(line: str) -> None:
+    """The log of ranks other than 0: they train in step with rank 0 and say nothing."""

@@ -3,12 +3,15 @@
 `cfg` is the `data` config (OmegaConf DictConfig or a plain mapping) with keys name, path,
 image_size, max_train, max_test, train_fraction, unlabelled_transfer, seed, intensity,
 allow_unseen_test_classes; config.py documents each key and its default. Datasets: mri
-(embedded default), fashion-mnist, npz, folder; see available_datasets(). Every loaded data
-set passes the same checks (validate.py) and non-8-bit images one intensity rule (intensity.py).
+(embedded default), ct (head CT levels), fashion-mnist, npz, folder, and multitask (several
+of them in one TaskData with per-image task ids; its keys: multitask.py); see
+available_datasets(). Every loaded data set (each task of a multitask one) passes the same
+checks (validate.py), non-8-bit images one intensity rule (intensity.py), and its one-feature
+intensity baseline is recorded (baseline.py).
 """
 
-from .base import ImageSet, TaskData
+from .base import ImageSet, TaskData, TaskInfo
 from .mri_volume import load_mri_volume
 from .registry import available_datasets, load_task
 
-__all__ = ["ImageSet", "TaskData", "available_datasets", "load_mri_volume", "load_task"]
+__all__ = ["ImageSet", "TaskData", "TaskInfo", "available_datasets", "load_mri_volume", "load_task"]

@@ -3,10 +3,13 @@
 Keys (all optional; a missing key takes its default):
 
     name            str        "mri"   one of: mri (embedded default, Colin27 T1 patches),
-                                       fashion-mnist, npz (MedMNIST format), folder
+                                       ct (head CT level patches), fashion-mnist, npz
+                                       (MedMNIST format), folder; multitask has keys of its
+                                       own (multitask.py)
     path            str|null   null    npz: the .npz file; folder: the root directory;
                                        mri / fashion-mnist: a directory that replaces the
-                                       Debian install location (null = use the Debian files)
+                                       Debian install location; ct: the .inv3 file (null =
+                                       use the Debian files)
     image_size      int|null   null    images are resized (bilinear, antialias) to
                                        image_size x image_size; 8 <= image_size <= 1024;
                                        null = the data set's own size (it must be square)
@@ -20,7 +23,8 @@ Keys (all optional; a missing key takes its default):
     seed            int        0       makes every subsample and split deterministic
     intensity       str|null   null    how images that are not 8-bit map to [0, 1]: range or
                                        window:LEVEL,WIDTH (see intensity.py); null = range,
-                                       except mri: its robust window of the head voxels
+                                       except mri: its robust window of the head voxels,
+                                       and ct: window:40,400
     allow_unseen_test_classes  false   true keeps test images of classes that the training
                     bool               split lacks (else an error; see validate.py)
 
@@ -71,7 +75,7 @@ class DataConfig:
 
 def parse_data_config(cfg, valid_names: list[str]) -> DataConfig:
     """Check every value of `cfg` (DictConfig or mapping) and return a DataConfig."""
-    raw = _to_dict(cfg)
+    raw = config_mapping(cfg)
     unknown = sorted(set(raw) - set(DEFAULTS))
     if unknown:
         raise ConfigError(
@@ -144,7 +148,8 @@ def parse_data_config(cfg, valid_names: list[str]) -> DataConfig:
     )
 
 
-def _to_dict(cfg) -> dict:
+def config_mapping(cfg) -> dict:
+    """`cfg` (DictConfig or mapping) as a plain dict of plain values."""
     try:
         from omegaconf import OmegaConf
 

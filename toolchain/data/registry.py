@@ -3,7 +3,11 @@
 A loader turns a validated DataConfig into a full TaskData (images may still be at their
 native size). `load_task` then applies what every dataset shares, in this order: the
 checks of validate.py (labels, classes, NaN/Inf), max_train / max_test caps, train_fraction,
-resize to image_size (null: the data set's own size). See config.py for the keys.
+resize to image_size (null: the data set's own size), and records the one-feature intensity
+baseline of the final splits (baseline.py). See config.py for the keys.
+
+`multitask` (multitask.py) has keys of its own: it loads each of its tasks through load_task
+and merges them.
 """
 
 from __future__ import annotations
@@ -14,10 +18,14 @@ import numpy as np
 import torch
 
 from .base import ImageSet, TaskData
-from .config import DataConfig, native_image_size, parse_data_config
+from .baseline import intensity_baseline
+from .config import DataConfig, config_mapping, native_image_size, parse_data_config
+from .ct import load_ct
 from .fashion_mnist import load_fashion_mnist
 from .folder import load_folder
 from .mri import load_mri
+from .multitask import NAME as MULTITASK
+from .multitask import load_multitask
 from .npz import load_npz
 from .sampling import stratified_cap, stratified_fraction
 from .transforms import resize_images
@@ -25,6 +33,7 @@ from .validate import validate_task
 
 LOADERS: dict[str, Callable[[DataConfig], TaskData]] = {
     "mri": load_mri,
+    "ct": load_ct,
     "fashion-mnist": load_fashion_mnist,
     "npz": load_npz,
     "folder": load_folder,
@@ -32,12 +41,15 @@ LOADERS: dict[str, Callable[[DataConfig], TaskData]] = {
 
 
 def available_datasets() -> list[str]:
-    return sorted(LOADERS)
+    return sorted([*LOADERS, MULTITASK])
 
 
 def load_task(cfg) -> TaskData:
     """Validate the `data` config, load and check the dataset, then cap, subsample and resize it."""
-    config = parse_data_config(cfg, available_datasets())
+    raw = config_mapping(cfg)
+    if raw.get("name") == MULTITASK:
+        return load_multitask(raw, load_task)
+    config = parse_data_config(raw, available_datasets())
     task = validate_task(LOADERS[config.name](config), config.allow_unseen_test_classes)
     size = config.image_size or native_image_size(*task.train.images.shape[-2:], f"the {task.name} images")
     train, test, seed = task.train, task.test, config.seed
@@ -64,6 +76,7 @@ def load_task(cfg) -> TaskData:
         "unlabelled_train": 0 if unlabelled is None else len(unlabelled),
         "train_per_class": _counts(train, task.num_classes),
         "test_per_class": _counts(test, task.num_classes),
+        "intensity_baseline": intensity_baseline(train.images, train.labels, test.images, test.labels),
     }
     return TaskData(task.name, train, test, list(task.class_names), provenance, unlabelled)
 
