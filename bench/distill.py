@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 from medkd.recipes import RECIPES as RECIPE_CLASSES
 from medkd.recipes import UNLABELLED, build_recipe
