@@ -45,6 +45,9 @@ class Deployable:
 
     name: str
     module: nn.Module
+    # Its own images where deployables differ in task (one fused model per task); else the
+    # export's shared ExportData is used.
+    data: "ExportData | None" = None
 
 
 @dataclass

@@ -7,11 +7,13 @@ on any failure the staging folder is removed and the run directory is unchanged.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
 
+from medkd.toolchain.atomic import atomic_write_text
 from medkd.toolchain.progress import as_policy
 
 from .exporter import Deployable, ExportData, ModelExporter, output_name
@@ -21,12 +23,23 @@ from .profile import profile_onnx_matrix
 
 STAGING = ".export.staging"
 PLOTS = "plots"
+# Which deployable (task) is in which files: {name: {deployed_file, deployed_precision, files, test_metric}}.
+DEPLOYABLES = "deployables.json"
 
 
 def previous_artifacts(run_dir: Path, model: str) -> list[Path]:
     """Every file or folder an export of `model` may have left in `run_dir`."""
     names = {output_name(model, fmt) for fmt in FORMATS} | {f"{model}.manifest.json", PLOTS}
     return [run_dir / name for name in sorted(names)]
+
+
+def recorded_models(run_dir: Path) -> list[str]:
+    """The deployables the run directory's last export wrote ("model" for single-model runs)."""
+    try:
+        names = list(json.loads((Path(run_dir) / DEPLOYABLES).read_text()))
+    except (OSError, ValueError, TypeError):
+        return ["model"]
+    return sorted({"model", *(str(n) for n in names)})
 
 
 def _remove(path: Path) -> None:
@@ -37,7 +50,7 @@ def _remove(path: Path) -> None:
 
 
 def publish(staging: Path, run_dir: Path, models: list[str]) -> None:
-    for model in models:
+    for model in sorted(set(models) | set(recorded_models(run_dir))):
         for stale in previous_artifacts(run_dir, model):
             _remove(stale)
     for entry in staging.iterdir():
@@ -81,6 +94,14 @@ def plot_model(staging: Path, model: str, summary: dict, latency: dict, batch1_t
     return [str(p.relative_to(staging)) for p in (distribution, tradeoff)]
 
 
+def deployables_index(models: dict) -> dict:
+    """Task (or model) name -> the files that deploy it: the manifest a device build reads."""
+    return {name: {"deployed_file": m["deployed_file"], "deployed_precision": m["deployed_precision"],
+                   "onnx": {p: o["path"] for p, o in m["onnx"].items()},
+                   "test_metric": m["test_metric"].get(m["deployed_precision"])}
+            for name, m in models.items()}
+
+
 def export_deployables(run_dir: Path, target: dict, export_cfg: dict, plan: ExportPlan,
                        deployables: list[Deployable], data: ExportData, log=print, progress=None) -> dict:
     run_dir = Path(run_dir)
@@ -90,14 +111,16 @@ def export_deployables(run_dir: Path, target: dict, export_cfg: dict, plan: Expo
     try:
         models = {}
         for deployable in deployables:
-            exporter = ModelExporter(staging, target, export_cfg, plan, deployable, data, log, progress)
+            own_data = deployable.data or data
+            exporter = ModelExporter(staging, target, export_cfg, plan, deployable, own_data, log, progress)
             summary = exporter.run()
             with exporter.stages("latency+plots"):
-                latency, batch1_times = profile_latency(exporter.onnx, data.input_shape, export_cfg, progress)
+                latency, batch1_times = profile_latency(exporter.onnx, own_data.input_shape, export_cfg, progress)
                 summary["latency"] = latency
                 summary["plots"] = plot_model(staging, deployable.name, summary, latency, batch1_times,
                                               lambda p: exporter.onnx[p].stat().st_size)
             models[deployable.name] = summary
+        atomic_write_text(staging / DEPLOYABLES, json.dumps(deployables_index(models), indent=1))
         publish(staging, run_dir, [d.name for d in deployables])
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -85,7 +85,7 @@ def reexport(run_dir: Path, overrides: list[str]) -> dict:
     from omegaconf import OmegaConf
     from safetensors.torch import load_file
 
-    from medkd.export.run_export import previous_artifacts
+    from medkd.export.run_export import DEPLOYABLES, previous_artifacts, recorded_models
 
     from .atomic import atomic_write_text
     from .config import check_values
@@ -132,8 +132,8 @@ def reexport(run_dir: Path, overrides: list[str]) -> dict:
         md_path, _ = write_report(run_dir, report)
         log(f"{deployed_summary(section)}; report: {md_path}")
         # The training side (checkpoint, student) keeps its recorded digests: never re-blessed here.
-        ours = {path.name for path in previous_artifacts(run_dir, "model")} | {"config.yaml", "report.json",
-                                                                             "report.md"}
+        ours = {path.name for model in recorded_models(run_dir) for path in previous_artifacts(run_dir, model)}
+        ours |= {DEPLOYABLES, "config.yaml", "report.json", "report.md"}
         write_manifest(run_dir, rewritten=lambda rel: rel.split("/")[0] in ours)
     return report
 

@@ -13,11 +13,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from medkd.export.evaluate import accuracy
 from medkd.export.exporter import Deployable, ExportData
+from medkd.export.formats import suggest
 from medkd.export.plan import ExportPlan, plan_export
 from medkd.export.run_export import export_deployables
 from medkd.recipes import UNLABELLED
 
 from .data.base import ImageSet, TaskData
+from .errors import ConfigError
 
 
 def training_pool(task: TaskData) -> ImageSet:
@@ -34,6 +36,7 @@ def training_pool(task: TaskData) -> ImageSet:
 
 def make_plan(cfg: DictConfig, task: TaskData) -> ExportPlan:
     """Validate every export option against the target and the data, before anything runs."""
+    check_export_task(cfg, task)
     pool = training_pool(task)
     labelled = int((pool.labels != UNLABELLED).sum())
     return plan_export(OmegaConf.to_container(cfg.target), OmegaConf.to_container(cfg.export), labelled, len(pool),
@@ -63,12 +66,34 @@ def export_data(task: TaskData, plan: ExportPlan, seed: int) -> ExportData:
     )
 
 
+def check_export_task(cfg: DictConfig, task: TaskData) -> None:
+    """`export.task` names a task of a multi-task data set, or is `all`."""
+    choice = cfg.export.task
+    if choice == "all":
+        return
+    names = [t.name for t in task.tasks] if task.tasks else []
+    if not names:
+        raise ConfigError(f"export.task={choice} needs multi-task data (data=multitask); leave it at all")
+    if choice not in names:
+        raise ConfigError(f"unknown export.task '{choice}'{suggest(str(choice), names)}; "
+                          f"choose all or one of: {', '.join(names)}")
+
+
+def selected_modules(cfg: DictConfig, modules: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Module]:
+    """The task switch: every deployable, or the one `export.task` names."""
+    return modules if cfg.export.task == "all" else {cfg.export.task: modules[cfg.export.task]}
+
+
 def run_export(cfg: DictConfig, run_dir: Path, task: TaskData, modules: dict[str, torch.nn.Module],
                plan: ExportPlan, log, progress) -> dict:
     data = export_data(task, plan, cfg.seed)
     log(f"export for {cfg.target.name}: precision {plan.requested_precision}, formats {', '.join(plan.formats)}; "
         f"{len(data.validation_labels)} validation / {len(data.calibration)} calibration images from the training side")
-    deployables = [Deployable(name, module.eval()) for name, module in modules.items()]
+    per_task = bool(task.tasks) and set(modules) <= {t.name for t in task.tasks}
+    # A per-task model is checked, calibrated and tested on its own task's images only.
+    deployables = [Deployable(name, module.eval(),
+                              export_data(task.task_view(name), plan, cfg.seed) if per_task else None)
+                   for name, module in selected_modules(cfg, modules).items()]
     section = export_deployables(run_dir, OmegaConf.to_container(cfg.target), OmegaConf.to_container(cfg.export),
                                  plan, deployables, data, log=log, progress=progress)
     section["opset"] = cfg.export.opset

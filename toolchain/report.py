@@ -239,10 +239,26 @@ def _int8_lines(int8: dict) -> list[str]:
     return out
 
 
+def _per_task_table(models: dict) -> list[str]:
+    """One row per deployed model when a recipe exports several (one fused model per task)."""
+    if len(models) < 2:
+        return []
+    rows = []
+    for name, model in models.items():
+        deployed = model.get("deployed_precision")
+        onnx = (model.get("onnx") or {}).get(deployed) or {}
+        metric = (model.get("test_metric") or {}).get(deployed)
+        rows.append([_txt(name), _txt(model.get("deployed_file")), _txt(deployed), _mb(onnx.get("size_bytes")),
+                     _pct(metric)])
+    return ["", "Per task (one fused model each; `deployables.json` maps tasks to files):", "",
+            *_table(["Task", "Deployed file", "Precision", "Size", "Test accuracy"], rows)]
+
+
 def _render_deployment(export: dict, target: dict, target_name) -> list[str]:
     out = ["", "## Deployment", "",
            f"- Target: {_txt(target_name)} — {_txt(target.get('description'))} "
            f"(runtime {_txt(target.get('runtime'))})"]
+    out += _per_task_table(_models(export))
     for name, model in _models(export).items():
         formats = model.get("formats") if isinstance(model.get("formats"), dict) else {}
         out += ["", f"### {name}: {_txt(model.get('requested_precision'))} requested, "

@@ -125,7 +125,7 @@ def prepare(run_dir: Path, *, resume: bool, overwrite: bool, fingerprint: str) -
     and so does the manifest: the run is changing, and it is written again when the build ends.
     `overwrite` removes the previous run's artifacts and its log.
     """
-    from medkd.export.run_export import previous_artifacts
+    from medkd.export.run_export import DEPLOYABLES, previous_artifacts, recorded_models
 
     from .checkpoint import CHECKPOINT_NAME, load_checkpoint
 
@@ -142,7 +142,8 @@ def prepare(run_dir: Path, *, resume: bool, overwrite: bool, fingerprint: str) -
     remove_stale_files(run_dir)
     doomed = [run_dir / MANIFEST_NAME]
     if overwrite:
-        doomed += [run_dir / name for name in (*build_artifacts, LOG_NAME)] + previous_artifacts(run_dir, "model")
+        doomed += [run_dir / name for name in (*build_artifacts, LOG_NAME, DEPLOYABLES)]
+        doomed += [path for model in recorded_models(run_dir) for path in previous_artifacts(run_dir, model)]
     for path in doomed:
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
