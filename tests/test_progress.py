@@ -152,3 +152,25 @@ def test_teacher_features_print_progress_lines_off_a_terminal(monkeypatch):
     progress_lines = [line for line in lines if "/16 img" in line]
     assert progress_lines and all(line.startswith("teacher features (train): ") for line in progress_lines)
     assert lines[-1] == f"teacher features (train): done, 16 img in {lines[-1].split(' in ')[-1]}"
+
+
+def test_a_build_off_a_terminal_logs_every_stage_and_progress_lines(tmp_path, capsys, monkeypatch):
+    """The signs of life of a real (tiny) build whose output is not a terminal."""
+    from test_pipeline import SMALL
+
+    from medkd.toolchain.cli import main
+
+    monkeypatch.setattr("sys.stderr.isatty", lambda: False, raising=False)
+    overrides = [o for o in SMALL if not o.startswith("progress=")]
+    code = main([*overrides, "recipe=kd", "progress=auto", "progress_interval=0.001",
+                 f"run_dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    for stage in ("teacher_features", "training", "export"):
+        assert f"stage {stage}: started" in out and f"stage {stage}: done in " in out
+    assert "stage setup: done in " in out
+    for fmt in ("onnx", "firmware"):
+        assert f"export model {fmt}: started" in out
+    # Long-running parts print progress lines (here every 1 ms): teacher features, epochs, latency.
+    assert "teacher features (train): " in err and " img (" in err
+    assert "epoch 1/2: " in err and "latency: " in err
