@@ -7,6 +7,17 @@ layouts medkd ships (``int8-cpu``: ONNX Runtime, uint8 activations, the cpu targ
 images (never test images). Every file gets its test accuracy (ONNX Runtime), its size
 and its ONNX Runtime CPU latency (p50 at batch 1 and 32, all cores).
 
+The int8 accuracy guard, as medkd-build runs it: the training side is split by medkd's own
+rule (``export_stage.export_data``: 1000 labelled validation images, then 512 calibration
+images, disjoint, seeded), and ``run_guard`` checks each int8 preset against fp32 on the
+validation images with the config's thresholds (``export.max_accuracy_drop``,
+``export.parity.int8_min_agreement``), keeping the most sensitive layers in high precision
+until it holds or refusing int8. Both are reported: the bare preset (``int8-cpu``: what the
+quantizer gives without the guard) and, when the guard kept layers, the guarded file as its
+own variant (``int8-cpu+guard``), timed with the others. When the guard refuses, medkd
+deploys the target's fallback (fp32 on cpu, fp16 on TensorRT targets). The goal
+"accuracy drop <= 0.5 points with the guard" is measured on what medkd would deploy.
+
 The peer a CPU user would pick instead: OpenVINO running the same fp32 ONNX, and
 OpenVINO with NNCF's own int8 post-training quantization (``nncf.quantize`` on the
 OpenVINO model, same 512 calibration images), on the same test images, thread count
@@ -19,10 +30,13 @@ process on this shared machine lands on all of them alike. Compare ratios measur
 within one run; absolute milliseconds move with the machine's load.
 
     python bench/export.py                                      # full protocol
-    python bench/export.py --students mobilenetv3 --epochs 1 --max-train 512 --runs 10   # quick look
+    python bench/export.py --students mobilenetv3 --epochs 1 --max-train 512 --calibration-images 128 \
+        --runs 10                                               # quick look
     python bench/export.py --students vit_tiny --epochs 4 --merge  # redo one student, keep the others
 
-Run time is almost all training. From the students.py step costs (idle 2-core box: ~3, ~4
+Run time is mostly training; the guard adds, when the bare preset fails, one quantization
+and validation run per quantized layer (its sensitivity) plus one per layer it keeps.
+From the students.py step costs (idle 2-core box: ~3, ~4
 and ~67 ms per image for resnet18, mobilenetv3, vit_tiny) 12 epochs x 2,800 images take
 ~2, ~2.5 and ~37 minutes: the full protocol cannot fit in 15 minutes because of vit_tiny
 alone. Measured on the shared box (load ~4 on 2 cores): resnet18 15 min, mobilenetv3
@@ -47,15 +61,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medkd.export.evaluate import accuracy, onnx_logits
+from omegaconf import OmegaConf
+
+from medkd.export.evaluate import accuracy, compare, onnx_logits
 from medkd.export.fold_stage import fold_for_export
+from medkd.export.guard import GuardThresholds, run_guard
 from medkd.export.onnx_export import export_onnx
+from medkd.export.plan import fallback_precision
 from medkd.export.profile import available_cpus, profile_onnx_matrix
 from medkd.export.quantize import quantize
 from medkd.recipes import build_recipe
 from medkd.toolchain.report import collect_versions
 from medkd.toolchain.config import load_config
 from medkd.toolchain.data import load_task
+from medkd.toolchain.errors import UserError
+from medkd.toolchain.export_stage import export_data, make_plan
 from medkd.toolchain.models.students import build_student, count_parameters
 from medkd.toolchain.train import TrainSettings, fit, predict
 
@@ -63,7 +83,12 @@ STUDENTS = ("resnet18", "mobilenetv3", "vit_tiny")
 # Files medkd writes, in table order; the int8 ones are compared with "fp32".
 MEDKD_VARIANTS = ("fp32", "fp16", "int8-cpu", "int8-tensorrt")
 INT8_PRESETS = ("int8-cpu", "int8-tensorrt")
+GUARDED = "+guard"  # suffix of the variant the guard changed (layers kept in high precision)
+# The target whose int8 each preset is (medkd picks int8-cpu for runtime onnxruntime, else
+# int8-tensorrt); its fallback precision is what medkd deploys when the guard refuses int8.
+PRESET_TARGET = {"int8-cpu": "cpu", "int8-tensorrt": "jetson-orin"}
 PEER_VARIANTS = ("openvino-fp32", "openvino-nncf-int8")
+GUARD_NOT_MEASURED = "guard not measured (entry from an earlier run without the guard)"
 BATCHES = (1, 32)
 RESULTS = Path(__file__).parent / "results" / "export.json"
 
@@ -82,6 +107,9 @@ def parse_args(argv=None):
     parser.add_argument("--max-train", type=int, default=None, help="default: the mri config's cap (2800)")
     parser.add_argument("--max-test", type=int, default=None, help="default: the mri config's cap (700)")
     parser.add_argument("--calibration-images", type=int, default=512, help="training images, never test images")
+    parser.add_argument("--validation-images", type=int, default=None,
+                        help="labelled training images the int8 guard checks on, disjoint from the calibration "
+                             "images (default: the config's export.validation_images, 1000)")
     parser.add_argument("--runs", type=int, default=50, help="timed calls per (variant, batch size)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls before each round's timed ones")
     parser.add_argument("--rounds", type=int, default=5,
@@ -96,14 +124,19 @@ def parse_args(argv=None):
                         help="keep the results already in --output for students this run does not measure "
                              "(each student's entry records the command, time and load it was measured with)")
     args = parser.parse_args(argv)
-    if args.runs < 1 or args.rounds < 1 or args.warmup < 0 or args.calibration_images < 1:
-        parser.error("--runs, --rounds and --calibration-images must be >= 1 and --warmup >= 0")
+    if (args.runs < 1 or args.rounds < 1 or args.warmup < 0 or args.calibration_images < 1
+            or (args.validation_images is not None and args.validation_images < 1)):
+        parser.error("--runs, --rounds, --calibration-images and --validation-images must be >= 1 and --warmup >= 0")
     args.rounds = min(args.rounds, args.runs)
     return args
 
 
 def bench_config(args, student: str):
-    overrides = ["data=mri", "recipe=scratch", f"student={student}", "progress=false"]
+    # export.precision=int8: the plan then splits validation + calibration images as medkd-build does.
+    overrides = ["data=mri", "recipe=scratch", f"student={student}", "progress=false", "export.precision=int8",
+                 f"export.calibration.images={args.calibration_images}"]
+    if args.validation_images:
+        overrides.append(f"export.validation_images={args.validation_images}")
     if args.epochs:
         overrides.append(f"train.epochs={args.epochs}")
     if args.max_train:
@@ -151,10 +184,22 @@ def load_average() -> list[float] | None:
 # ----------------------------------------------------------------------------- medkd part
 
 
-def calibration_split(num_train: int, count: int, seed: int) -> torch.Tensor:
-    """`count` training-image indices (a seeded random pick) for int8 calibration."""
-    order = torch.randperm(num_train, generator=torch.Generator().manual_seed(seed))
-    return order[:count]
+def export_images(cfg, task):
+    """medkd-build's own split of the training side: labelled validation images for the guard,
+    then calibration images, disjoint, by the seeded rule of export_stage.export_data."""
+    plan = make_plan(cfg, task)
+    return plan, export_data(task, plan, cfg.seed)
+
+
+def guard_thresholds(cfg) -> GuardThresholds:
+    """The thresholds medkd-build's exporter gives run_guard, from the same config keys."""
+    return GuardThresholds(float(cfg.export.max_accuracy_drop), float(cfg.export.parity.int8_min_agreement))
+
+
+def deploy_fallback(preset: str) -> str:
+    """What medkd deploys when the guard refuses `preset` (the fallback of the preset's target)."""
+    target = load_config([f"target={PRESET_TARGET[preset]}"]).target
+    return fallback_precision(OmegaConf.to_container(target))
 
 
 def train_student(cfg, task, threads: int, log=print):
@@ -177,27 +222,126 @@ def train_student(cfg, task, threads: int, log=print):
     }
 
 
-def export_variants(model, train_images: np.ndarray, calibration: np.ndarray, out_dir: Path, name: str,
-                    opset: int, max_abs_diff: float, log=print) -> tuple[dict[str, Path], dict]:
-    """fp32 (folded), fp16 and both int8 layouts; a preset that fails is recorded, not fatal."""
-    files, info = {}, {}
-    sample = torch.from_numpy(train_images[:64])
-    folded, fold_info = fold_for_export(model, sample, max_abs_diff)
-    files["fp32"] = export_onnx(folded, sample[:8], out_dir / f"{name}.onnx", opset=opset)
-    info["fp32"] = {"fold": fold_info}
-    for preset, suffix in (("fp16", "fp16"), ("int8-cpu", "int8-cpu"), ("int8-tensorrt", "int8-trt")):
-        path = out_dir / f"{name}.{suffix}.onnx"
+def validation_check(fp32_onnx: Path, images: np.ndarray, labels: np.ndarray):
+    """evaluate(path) -> Comparison against the fp32 ONNX on the validation images (the guard's check)."""
+    reference = onnx_logits(fp32_onnx, images)
+    return lambda path: compare(reference, onnx_logits(path, images), labels, accuracy)
+
+
+def guarded_int8(preset: str, fp32_onnx: Path, bare_path: Path, guarded_path: Path, calibration: np.ndarray,
+                 method: str, evaluate, thresholds: GuardThresholds, fallback: str, log=print) -> tuple[dict, dict]:
+    """Quantize with `preset` under the accuracy guard, as medkd-build's exporter does.
+
+    The guard's first candidate (nothing excluded) is the bare preset, written to
+    `bare_path`; every later candidate goes to `guarded_path`, so that file ends as the
+    model the guard kept when it held with layers in high precision (else it is removed).
+    Returns ({variant: path}, {variant: info}) with the bare preset and, when the guard
+    changed the model, preset+GUARDED. Raises only when the bare preset itself fails.
+    """
+    bare: dict = {}
+    calls = {"quantize": 0, "evaluate": 0}
+
+    def quantize_excluding(exclude):
+        calls["quantize"] += 1
         started = time.perf_counter()
+        result = quantize(preset, fp32_onnx, guarded_path if exclude else bare_path, calibration, method, exclude)
+        if not exclude:
+            bare.update(result=result, seconds=round(time.perf_counter() - started, 1))
+        return result
+
+    def evaluate_counted(path):
+        calls["evaluate"] += 1
+        comparison = evaluate(path)
+        bare.setdefault("validation", comparison.as_dict())  # the first check is the bare preset's
+        return comparison
+
+    started = time.perf_counter()
+    try:
+        guard = run_guard(quantize_excluding, evaluate_counted, thresholds, log=lambda line: log(f"  {preset}: {line}"))
+    except Exception as exc:  # noqa: BLE001 - a failed guard search must not lose the bare preset
+        if "result" not in bare:
+            raise
+        guarded_path.unlink(missing_ok=True)
+        error = f"{type(exc).__name__}: {exc}"
+        log(f"  {preset}: guard FAILED {error}")
+        return {preset: bare_path}, {preset: {**_quantize_info(bare), "guard": {"error": error}}}
+    seconds = round(time.perf_counter() - started, 1)
+    files, info = {preset: bare_path}, {preset: _quantize_info(bare)}
+    kept = list(guard.kept_high_precision)
+    if not guard.held:
+        deploys = fallback
+        guarded_path.unlink(missing_ok=True)
+    elif kept:
+        deploys = preset + GUARDED
+        files[deploys] = guarded_path
+        info[deploys] = {**guard.result.as_dict(), "guard_of": preset, "kept_high_precision": kept}
+        info[deploys].pop("path", None)
+    else:
+        deploys = preset
+    info[preset]["guard"] = {
+        **guard.as_dict(), "deploys": deploys, "validation_bare": bare["validation"],
+        "thresholds": {"max_accuracy_drop_points": thresholds.max_drop_points,
+                       "min_agreement": thresholds.min_agreement},
+        "validation_images": guard.comparison.num_samples, "seconds": seconds,
+        "quantizations": calls["quantize"], "evaluations": calls["evaluate"]}
+    outcome = ("refused" if not guard.held else f"held with {len(kept)} layer(s) kept in high precision" if kept
+               else "held as is")
+    log(f"  {preset}: guard {outcome}; medkd deploys {deploys} ({calls['quantize']} quantizations, {seconds:.0f} s)")
+    return files, info
+
+
+def _quantize_info(bare: dict) -> dict:
+    info = {**bare["result"].as_dict(), "seconds": bare["seconds"]}
+    info.pop("path", None)
+    return info
+
+
+def export_variants(model, data, out_dir: Path, name: str, cfg, log=print) -> tuple[dict[str, Path], dict]:
+    """fp32 (folded), fp16 and both int8 layouts under the guard; a preset that fails is recorded, not fatal."""
+    files, info = {}, {}
+    sample = torch.from_numpy(data.validation_images[:64])
+    folded, fold_info = fold_for_export(model, sample, cfg.export.parity.fp32_max_abs_diff)
+    files["fp32"] = export_onnx(folded, sample[:8], out_dir / f"{name}.onnx", opset=cfg.export.opset)
+    info["fp32"] = {"fold": fold_info}
+    started = time.perf_counter()
+    try:
+        path = out_dir / f"{name}.fp16.onnx"
+        result = quantize("fp16", files["fp32"], path)
+        files["fp16"] = path
+        info["fp16"] = {**result.as_dict(), "seconds": round(time.perf_counter() - started, 1)}
+        info["fp16"].pop("path", None)
+    except Exception as exc:  # noqa: BLE001 - report every failure, keep benchmarking the rest
+        info["fp16"] = {"error": f"{type(exc).__name__}: {exc}"}
+        log(f"  {name} fp16: FAILED {info['fp16']['error']}")
+    evaluate = validation_check(files["fp32"], data.validation_images, data.validation_labels)
+    thresholds = guard_thresholds(cfg)
+    for preset, suffix in (("int8-cpu", "int8-cpu"), ("int8-tensorrt", "int8-trt")):
         try:
-            result = quantize(preset, files["fp32"], path, calibration if preset.startswith("int8") else None)
-        except Exception as exc:  # noqa: BLE001 - report every failure, keep benchmarking the rest
+            got_files, got_info = guarded_int8(
+                preset, files["fp32"], out_dir / f"{name}.{suffix}.onnx", out_dir / f"{name}.{suffix}.guard.onnx",
+                data.calibration, cfg.export.calibration.method, evaluate, thresholds, deploy_fallback(preset), log=log)
+        except Exception as exc:  # noqa: BLE001
             info[preset] = {"error": f"{type(exc).__name__}: {exc}"}
             log(f"  {name} {preset}: FAILED {info[preset]['error']}")
             continue
-        files[preset] = path
-        info[preset] = {**result.as_dict(), "seconds": round(time.perf_counter() - started, 1)}
-        info[preset].pop("path", None)
+        files.update(got_files)
+        info.update(got_info)
     return files, info
+
+
+def medkd_variants(present) -> list[str]:
+    """medkd's variants in table order: each int8 preset followed by its guarded file, if any."""
+    order = []
+    for name in MEDKD_VARIANTS:
+        order.append(name)
+        if name in INT8_PRESETS:
+            order.append(name + GUARDED)
+    return [v for v in order if v in present or v in MEDKD_VARIANTS]
+
+
+def variant_order(variants) -> list[str]:
+    known = medkd_variants(variants) + list(PEER_VARIANTS)
+    return [v for v in known if v in variants] + [v for v in variants if v not in known]
 
 
 def onnx_size(path: Path) -> int:
@@ -360,12 +504,43 @@ def int8_ratios(fp32: dict, int8: dict) -> dict:
     return out
 
 
+def deployed(variants: dict, preset: str) -> tuple[str | None, str]:
+    """The variant medkd-build would deploy on `preset`'s targets, and why, from the guard's record.
+
+    (None, why not) when that is not known: the preset failed, its entry predates the
+    guard (merged from an earlier run), or the guard search itself failed.
+    """
+    info = variants.get(preset, {})
+    if "test_accuracy" not in info:
+        return None, f"{preset} not measured ({info.get('error', 'missing')})"
+    guard = info.get("guard")
+    if guard is None:
+        return None, GUARD_NOT_MEASURED
+    if "error" in guard:
+        return None, f"guard failed: {guard['error']}"
+    deploys = guard["deploys"]
+    if not guard["held"]:
+        return deploys, f"int8 refused by the guard; medkd deploys {deploys}"
+    if deploys != preset:
+        return deploys, f"guard kept {len(guard['kept_high_precision'])} layer(s) in high precision: {deploys}"
+    return deploys, f"guard held as is: {preset}"
+
+
+def deployed_drop(variants: dict, name: str) -> float | None:
+    """Test accuracy drop (points) of a deployed variant against fp32; fp32 itself drops 0."""
+    if name == "fp32":
+        return 0.0 if "test_accuracy" in variants.get("fp32", {}) else None
+    return variants.get(name, {}).get("vs_fp32", {}).get("accuracy_drop_points")
+
+
 def goals_for(student: str, variants: dict, peer_missing: str | None, chance: float | None = None) -> list[dict]:
     """Each goal: what, measured figure, met (True / False / None when it could not be measured).
 
-    `chance`: the test accuracy of always answering the most frequent class; an fp32 model
-    no better than that (an untrained student) makes "no accuracy drop" meaningless, so
-    the accuracy goals are then reported as not measured.
+    The accuracy goal is judged on what medkd would deploy (the guard's outcome); the bare
+    presets' drops are reported beside it ("without the guard"). `chance`: the test
+    accuracy of always answering the most frequent class; an fp32 model no better than
+    that (an untrained student) makes "no accuracy drop" meaningless, so the accuracy goals
+    are then reported as not measured.
     """
     goals = []
 
@@ -374,29 +549,39 @@ def goals_for(student: str, variants: dict, peer_missing: str | None, chance: fl
 
     fp32_acc = variants.get("fp32", {}).get("test_accuracy")
     at_chance = chance is not None and fp32_acc is not None and fp32_acc <= chance + 0.02
-    for preset in INT8_PRESETS:
-        drop = variants.get(preset, {}).get("vs_fp32", {}).get("accuracy_drop_points")
+
+    def accuracy_goal(goal, drop, figure):
         if at_chance:
-            add(f"{preset} accuracy drop <= {MAX_ACCURACY_DROP_POINTS} points", drop, None,
-                f"fp32 test accuracy {fp32_acc:.4f} is chance level ({chance:.4f}): no accuracy claim"
-                + ("" if drop is None else f" (drop {drop:+.2f} points)"))
-            continue
-        add(f"{preset} accuracy drop <= {MAX_ACCURACY_DROP_POINTS} points", drop,
-            None if drop is None else drop <= MAX_ACCURACY_DROP_POINTS,
-            "n/a" if drop is None else f"{drop:+.2f} points")
-    speed = variants.get("int8-cpu", {}).get("vs_fp32", {}).get("speedup_b32")
-    add(f"int8-cpu >= {MIN_INT8_SPEEDUP_B32:g}x faster than fp32 at batch 32", speed,
-        None if speed is None else speed >= MIN_INT8_SPEEDUP_B32, "n/a" if speed is None else f"{speed:.2f}x")
-    ours = variants.get("int8-cpu", {}).get("latency", {}).get(32, {}).get("p50_ms")
-    peer = variants.get("openvino-nncf-int8", {}).get("latency", {}).get(32, {}).get("p50_ms")
-    ratio = peer / ours if ours and peer else None
-    figure = (f"OpenVINO+NNCF p50 / int8-cpu p50 = {ratio:.2f}x" if ratio is not None
-              else f"n/a ({peer_missing or 'a latency is missing'})")
-    add("int8-cpu at least as fast as OpenVINO+NNCF int8 at batch 32", ratio,
-        None if ratio is None else ratio >= 1.0, figure)
+            add(goal, drop, None, f"fp32 test accuracy {fp32_acc:.4f} is chance level ({chance:.4f}): no accuracy "
+                                  "claim" + ("" if drop is None else f" (drop {drop:+.2f} points)"))
+        elif drop is None:
+            add(goal, None, None, figure or "n/a")
+        else:
+            add(goal, drop, drop <= MAX_ACCURACY_DROP_POINTS, f"{drop:+.2f} points" + (f" ({figure})" if figure else ""))
+
     for preset in INT8_PRESETS:
-        size = variants.get(preset, {}).get("vs_fp32", {}).get("size_ratio")
-        add(f"{preset} file <= 1/{MIN_SIZE_REDUCTION:g} of fp32", size,
+        name, why = deployed(variants, preset)
+        accuracy_goal(f"{preset} with the guard: accuracy drop <= {MAX_ACCURACY_DROP_POINTS} points",
+                      None if name is None else deployed_drop(variants, name), why)
+    for preset in INT8_PRESETS:
+        accuracy_goal(f"{preset} without the guard: accuracy drop <= {MAX_ACCURACY_DROP_POINTS} points",
+                      variants.get(preset, {}).get("vs_fp32", {}).get("accuracy_drop_points"), None)
+    cpu_int8 = [v for v in ("int8-cpu", "int8-cpu" + GUARDED) if v == "int8-cpu" or v in variants]
+    for variant in cpu_int8:
+        speed = variants.get(variant, {}).get("vs_fp32", {}).get("speedup_b32")
+        add(f"{variant} >= {MIN_INT8_SPEEDUP_B32:g}x faster than fp32 at batch 32", speed,
+            None if speed is None else speed >= MIN_INT8_SPEEDUP_B32, "n/a" if speed is None else f"{speed:.2f}x")
+    peer = variants.get("openvino-nncf-int8", {}).get("latency", {}).get(32, {}).get("p50_ms")
+    for variant in cpu_int8:
+        ours = variants.get(variant, {}).get("latency", {}).get(32, {}).get("p50_ms")
+        ratio = peer / ours if ours and peer else None
+        figure = (f"OpenVINO+NNCF p50 / {variant} p50 = {ratio:.2f}x" if ratio is not None
+                  else f"n/a ({peer_missing or 'a latency is missing'})")
+        add(f"{variant} at least as fast as OpenVINO+NNCF int8 at batch 32", ratio,
+            None if ratio is None else ratio >= 1.0, figure)
+    for variant in [v for p in INT8_PRESETS for v in (p, p + GUARDED) if v == p or v in variants]:
+        size = variants.get(variant, {}).get("vs_fp32", {}).get("size_ratio")
+        add(f"{variant} file <= 1/{MIN_SIZE_REDUCTION:g} of fp32", size,
             None if size is None else size <= 1 / MIN_SIZE_REDUCTION,
             "n/a" if size is None else f"1/{1 / size:.2f} of fp32" if size else "0")
     return goals
@@ -417,30 +602,30 @@ def _ratio(value, fmt="{:.2f}x") -> str:
 def print_table(results: list[dict], threads: int) -> None:
     print(f"\nONNX Runtime CPU / OpenVINO CPU, {threads} threads (all cores), p50 of timed calls in ms; "
           "speed = fp32 p50 / variant p50, size = variant / fp32")
-    header = (f"{'student':<12}{'variant':<20}{'test acc':>9}{'size MB':>9}{'b1 ms':>9}{'b32 ms':>9}"
+    header = (f"{'student':<12}{'variant':<22}{'test acc':>9}{'size MB':>9}{'b1 ms':>9}{'b32 ms':>9}"
               f"{'speed b1':>10}{'speed b32':>10}{'size':>8}{'acc drop':>10}")
     print(header)
     print("-" * len(header))
     for student in results:
         variants = student["variants"]
         fp32 = variants.get("fp32", {})
-        for name in MEDKD_VARIANTS + PEER_VARIANTS:
+        for name in variant_order(variants):
             v = variants.get(name)
             if v is None:
                 continue
             if "error" in v and "test_accuracy" not in v:
                 size = f"{v['size_bytes'] / 1e6:.2f}" if "size_bytes" in v else "-"
-                print(f"{student['student']:<12}{name:<20}{'-':>9}{size:>9}  FAILED: {v['error'].splitlines()[0][:160]}")
+                print(f"{student['student']:<12}{name:<22}{'-':>9}{size:>9}  FAILED: {v['error'].splitlines()[0][:160]}")
                 continue
             r = int8_ratios(fp32, v) if name != "fp32" else {}
             acc = f"{v['test_accuracy']:.4f}" if "test_accuracy" in v else "-"
             size = f"{v['size_bytes'] / 1e6:.2f}" if "size_bytes" in v else "-"
             drop = r.get("accuracy_drop_points")
-            print(f"{student['student']:<12}{name:<20}{acc:>9}{size:>9}{_ms(v, 1):>9}{_ms(v, 32):>9}"
+            print(f"{student['student']:<12}{name:<22}{acc:>9}{size:>9}{_ms(v, 1):>9}{_ms(v, 32):>9}"
                   f"{_ratio(r.get('speedup_b1')):>10}{_ratio(r.get('speedup_b32')):>10}"
                   f"{_ratio(r.get('size_ratio'), '{:.3f}'):>8}{_ratio(drop, '{:+.2f}pt'):>10}")
         if student.get("peer_missing"):
-            print(f"{student['student']:<12}{'openvino peer':<20}  missing: {student['peer_missing']}")
+            print(f"{student['student']:<12}{'openvino peer':<22}  missing: {student['peer_missing']}")
     print("\nTrained (recipe=scratch):  " + ";  ".join(
         f"{s['student']} {s['training']['epochs']} epochs x {s['training']['train_images']} images, "
         f"{s['training']['train_seconds']:.0f} s" for s in results))
@@ -452,11 +637,49 @@ def print_table(results: list[dict], threads: int) -> None:
                   f"accuracy drop {_ratio(peer['accuracy_drop_points'], '{:+.2f}')} points")
 
 
+def guard_lines(results: list[dict]) -> list[str]:
+    """One line per student and int8 preset: what the accuracy guard did."""
+    lines = []
+    for student in results:
+        variants = student["variants"]
+        for preset in INT8_PRESETS:
+            info = variants.get(preset, {})
+            guard = info.get("guard")
+            head = f"  {student['student']:<12}{preset:<15}"
+            if "test_accuracy" not in info:
+                lines.append(head + f"not measured ({info.get('error', 'missing')})")
+            elif guard is None:
+                lines.append(head + GUARD_NOT_MEASURED)
+            elif "error" in guard:
+                lines.append(head + f"guard FAILED: {guard['error'].splitlines()[0][:160]}")
+            else:
+                bare, last = guard["validation_bare"], guard["comparison"]
+                kept = guard["kept_high_precision"]
+                outcome = ("REFUSED" if not guard["held"] else f"held, {len(kept)} layer(s) kept" if kept
+                           else "held as is")
+                lines.append(
+                    head + f"{outcome}; validation drop {bare['metric_drop_points']:+.2f} -> "
+                    f"{last['metric_drop_points']:+.2f} points, agreement {bare['top1_agreement']:.2%} -> "
+                    f"{last['top1_agreement']:.2%}; {guard['quantizations']} quantizations in {guard['seconds']:.0f} s; "
+                    f"medkd deploys {guard['deploys']}" + (f"; kept: {', '.join(kept)}" if kept else ""))
+    return lines
+
+
+def print_guard(results: list[dict]) -> None:
+    thresholds = next((v["guard"]["thresholds"] for r in results for v in r["variants"].values()
+                       if "thresholds" in v.get("guard", {})), None)
+    rule = (f"max drop {thresholds['max_accuracy_drop_points']:g} points, min top-1 agreement "
+            f"{thresholds['min_agreement']:.0%} with fp32" if thresholds else "no guard data")
+    print(f"\nAccuracy guard on the validation images ({rule}); bare preset -> what the guard kept:")
+    for line in guard_lines(results):
+        print(line)
+
+
 def print_goals(goals: list[dict]) -> None:
     print("\nGoals (met / not met, measured):")
     for g in goals:
         verdict = "not measured" if g["met"] is None else "met" if g["met"] else "NOT MET"
-        print(f"  {g['student']:<12}{g['goal']:<62}{verdict:<13}{g['figure']}")
+        print(f"  {g['student']:<12}{g['goal']:<68}{verdict:<13}{g['figure']}")
 
 
 def write_results(args, meta: dict, results: list[dict], goals: list[dict], complete: bool) -> None:
@@ -524,29 +747,32 @@ def run_student(args, name: str, task, threads: int, work: Path, peer_missing: s
                 log=log_line) -> dict:
     cfg = bench_config(args, name)
     log(f"\n== {name}: training from scratch, {cfg.train.epochs} epochs on {len(task.train)} images")
+    plan, data = export_images(cfg, task)  # before training: a bad split size fails in seconds
     model, training = train_student(cfg, task, threads, log=lambda line: log(f"  {line}"))
-    train_images = task.train.images.numpy()
-    calib_index = calibration_split(len(task.train), args.calibration_images, cfg.seed)
-    calibration = np.ascontiguousarray(train_images[calib_index.numpy()])
-    test_images = np.ascontiguousarray(task.test.images.numpy())
-    test_labels = task.test.labels.numpy()
+    calibration = np.ascontiguousarray(data.calibration)
+    test_images = np.ascontiguousarray(data.test_images)
+    test_labels = data.test_labels
     shape_chw = test_images.shape[1:]
 
     phase = time.perf_counter()
     log(f"  trained in {training['train_seconds']:.0f} s, torch test accuracy {training['torch_test_accuracy']:.4f}")
-    log(f"  exporting: fp32 ONNX, fp16, int8-cpu, int8-tensorrt ({len(calibration)} calibration images)")
+    log(f"  exporting: fp32 ONNX, fp16, int8-cpu, int8-tensorrt ({len(calibration)} calibration images), "
+        f"each int8 under the accuracy guard ({len(data.validation_labels)} validation images)")
     summary = {"student": name, "training": training, "calibration_images": len(calibration),
+               "validation_images": len(data.validation_labels),
+               "split": ("medkd.toolchain.export_stage.export_data (seed "
+                         f"{cfg.seed}): validation = first {plan.validation_images} labelled images of a seeded "
+                         f"permutation of the training side, calibration = the next {plan.calibration_images}"),
                "test_images": len(test_images), "input_shape_chw": list(shape_chw),
                "chance_accuracy": float(np.bincount(test_labels).max() / len(test_labels))}
     try:
-        files, export_info = export_variants(model, train_images, calibration, work, name, cfg.export.opset,
-                                             cfg.export.parity.fp32_max_abs_diff, log=log)
+        files, export_info = export_variants(model, data, work, name, cfg, log=log)
     except Exception as exc:  # noqa: BLE001 - no fp32 ONNX, nothing to compare: report and go on
         error = f"fp32 fold/export failed: {type(exc).__name__}: {exc}"
         log(f"  {name}: {error}")
         return {**summary, "peer_missing": peer_missing, "variants": {"fp32": {"error": error}}}
     variants: dict[str, dict] = {}
-    for variant in MEDKD_VARIANTS:
+    for variant in medkd_variants(export_info):
         if variant not in files:
             variants[variant] = dict(export_info.get(variant, {"error": "not produced"}))
             continue
@@ -557,9 +783,9 @@ def run_student(args, name: str, task, threads: int, work: Path, peer_missing: s
         except Exception as exc:  # noqa: BLE001 - e.g. a written file ONNX Runtime refuses to load
             variants[variant]["error"] = f"ONNX Runtime could not run it: {type(exc).__name__}: {exc}"
             log(f"  {name} {variant}: FAILED {variants[variant]['error']}")
-    log(f"  exported and evaluated in {time.perf_counter() - phase:.0f} s")
+    log(f"  exported, guarded and evaluated in {time.perf_counter() - phase:.0f} s")
 
-    timers = {v: OrtTimer(files[v], shape_chw, threads) for v in MEDKD_VARIANTS
+    timers = {v: OrtTimer(files[v], shape_chw, threads) for v in variants
               if v in files and "test_accuracy" in variants[v]}
     peer_error = peer_missing
     if peer_missing is None:
@@ -601,14 +827,14 @@ def run_student(args, name: str, task, threads: int, work: Path, peer_missing: s
             variants[variant]["latency_error"] = stats["error"]
         else:
             variants[variant]["latency"] = stats
-    for variant in INT8_PRESETS + ("fp16", "openvino-fp32", "openvino-nncf-int8"):
+    for variant in [v for v in variants if v != "fp32"]:
         if variant in variants and "test_accuracy" in variants[variant] and "test_accuracy" in variants["fp32"]:
             variants[variant]["vs_fp32"] = int8_ratios(variants["fp32"], variants[variant])
     if "test_accuracy" in variants.get("openvino-nncf-int8", {}) and "test_accuracy" in variants["openvino-fp32"]:
         # The peer's own int8/fp32 ratios (OpenVINO int8 against OpenVINO fp32).
         variants["openvino-nncf-int8"]["vs_openvino_fp32"] = int8_ratios(variants["openvino-fp32"],
                                                                          variants["openvino-nncf-int8"])
-    return {**summary, "peer_missing": peer_error, "variants": variants}
+    return {**summary, "peer_missing": peer_error, "variants": {v: variants[v] for v in variant_order(variants)}}
 
 
 def main(argv=None) -> int:
@@ -621,6 +847,7 @@ def main(argv=None) -> int:
         results = ordered(previous_results(args.output, []))
         earlier["goals"] = all_goals(results)
         print_table(results, earlier.get("threads", threads))
+        print_guard(results)
         print_goals(earlier["goals"])
         args.output.write_text(json.dumps(earlier, indent=2))
         print(f"\nrecomputed the goals in {args.output}")
@@ -632,8 +859,13 @@ def main(argv=None) -> int:
             peer_missing = f"openvino/nncf not importable ({peer_missing}); install with pip install -e .[bench]"
             print(f"OpenVINO peer missing: {peer_missing}")
 
-    cfg = bench_config(args, args.students[0])
-    task = load_task(cfg.data)
+    try:
+        cfg = bench_config(args, args.students[0])
+        task = load_task(cfg.data)
+        export_images(cfg, task)  # the validation / calibration sizes fit the training side
+    except UserError as exc:  # ConfigError included: one line, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     meta = {
         "command": " ".join(shlex.quote(a) for a in [sys.executable, *([sys.argv[0]] if argv is None else
                                                                         ["bench/export.py"]), *raw_argv]),
@@ -650,7 +882,15 @@ def main(argv=None) -> int:
         "openvino_config": openvino_config(threads) if peer_missing is None else None,
         "data": {"name": "mri", "train_images": len(task.train), "test_images": len(task.test),
                  "calibration_images": args.calibration_images,
-                 "calibration_source": "seeded random pick of the training split (never test images)"},
+                 "validation_images": args.validation_images or cfg.export.validation_images,
+                 "calibration_source": ("medkd-build's split (export_stage.export_data): labelled validation "
+                                        "images for the int8 guard, then calibration images, disjoint, from a "
+                                        "seeded permutation of the training side (never test images); entries "
+                                        "merged from earlier runs record their own split or lack one"),
+                 "guard": {"max_accuracy_drop_points": cfg.export.max_accuracy_drop,
+                           "int8_min_agreement": cfg.export.parity.int8_min_agreement,
+                           "calibration_method": cfg.export.calibration.method,
+                           "fallback": {p: deploy_fallback(p) for p in INT8_PRESETS}}},
         "load_average_start": load_average(),
     }
     kept = previous_results(args.output, args.students) if args.merge else []
@@ -677,6 +917,7 @@ def main(argv=None) -> int:
     merged = ordered(kept + results)
     goals = all_goals(merged)
     print_table(merged, threads)
+    print_guard(merged)
     print_goals(goals)
     meta["elapsed_seconds"] = round(time.perf_counter() - started, 1)
     meta["load_average_end"] = load_average()

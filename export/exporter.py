@@ -14,6 +14,7 @@ and only reported.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,6 +77,12 @@ def output_name(model: str, fmt: str) -> str:
     if fmt == "bundle":
         return "bundle" if model == "model" else f"bundle-{model}"
     return model + FORMATS[fmt].suffix
+
+
+def firmware_symbol(model: str) -> str:
+    """The C symbol of a deployable's firmware blob: task names like 'fashion-mnist' become
+    medkd_fashion_mnist (C identifiers allow only letters, digits and underscores)."""
+    return "medkd_" + re.sub(r"\W", "_", model, flags=re.ASCII)
 
 
 class ModelExporter:
@@ -212,7 +219,7 @@ class ModelExporter:
             manifest = self.run_dir / f"{self.deployable.name}.manifest.json"
             atomic_write_text(manifest, json.dumps(self.manifest_extra(), indent=2, sort_keys=True) + "\n")
         out_dir = self.path_for("firmware")
-        info = write_firmware_blob(self.deployed_file, out_dir, kind=kind, symbol=f"medkd_{self.deployable.name}",
+        info = write_firmware_blob(self.deployed_file, out_dir, kind=kind, symbol=firmware_symbol(self.deployable.name),
                                    c_source=bool(self.cfg["firmware_c_source"]), manifest=manifest)
         paths = {k: str(Path(v).relative_to(self.run_dir)) for k, v in info.items()
                  if k in ("bin", "header", "asm", "source", "manifest") and v}

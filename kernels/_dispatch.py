@@ -24,15 +24,21 @@ except ImportError:  # CPU-only installs (e.g. macOS) still get the references.
 
 BACKENDS = ("auto", "triton", "torch")
 
+# torch.library namespace of the kernels' custom ops: torch.ops.medkd.<op>.
+OP_NAMESPACE = "medkd"
+
 
 def triton_available() -> bool:
     return triton is not None
 
 
+@torch.compiler.assume_constant_result
 def interpret_enabled() -> bool:
     """True when TRITON_INTERPRET asks triton to run kernels in its CPU interpreter.
 
-    Read at every call (not cached at import): the tests set it per test.
+    Read at every call (not cached at import): the tests set it per test. torch.compile
+    takes it as a constant of the traced graph (dynamo cannot trace triton's C getenv);
+    the backend of a compiled graph is fixed when it is traced, like its shapes.
     """
     if triton is None:
         return False
@@ -206,7 +212,7 @@ def compile_for_gpu(kernel: LazyKernel, *, capability: int = 90, num_warps: int 
 
 
 __all__ = [
-    "BACKENDS", "LazyKernel", "lazy_kernel", "resolve_backend", "interpret_enabled",
+    "BACKENDS", "OP_NAMESPACE", "LazyKernel", "lazy_kernel", "resolve_backend", "interpret_enabled",
     "triton_available", "dot_dtype", "fp32_dot_precision", "num_sms", "next_power_of_2",
     "cdiv", "SUPPORTED_DTYPES", "compile_for_gpu", "combine_add", "triton_dtype",
     "note_backend", "backends_run", "reset_backends_run",

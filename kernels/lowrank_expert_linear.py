@@ -5,7 +5,8 @@
 W0: (d_out, d_in) shared base weight, A: (T, r, d_in), B: (T, d_out, r) per-task experts.
 
 Layout of this file: shape/argument checks, the PyTorch reference, the Triton kernels,
-their launchers, the autograd.Function, the public function, and the nn.Module.
+their launchers, the torch.library custom ops (forward, backward, autograd), the public
+function, and the nn.Module.
 
 How the Triton path works
 -------------------------
@@ -46,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._dispatch import (
+    OP_NAMESPACE,
     SUPPORTED_DTYPES,
     cdiv,
     combine_add,
@@ -408,28 +410,95 @@ def compile_kernels_for_gpu(dtype=torch.bfloat16, capability=90, d_in=1024, d_ou
     return {"lowrank_fwd": fwd, "lowrank_bwd": bwd}
 
 
-class _LowRankExpertLinearFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x2, ids, weight, bias, lora_A, lora_B, scale):
-        order, offsets = _route(ids, lora_A.shape[0])
-        y, xa = _forward(x2, order, offsets, weight, bias, lora_A, lora_B, scale, store_xa=True)
-        ctx.save_for_backward(x2, weight, lora_A, lora_B, xa, order, offsets)
-        ctx.scale = scale
-        ctx.has_bias = bias is not None
-        return y
+# --------------------------------------------------------------------------- custom ops
+#
+# The Triton path is registered as two torch.library custom ops, so torch.compile treats
+# each as one opaque node (it cannot trace into a Triton launch on a CPU tensor or through
+# the interpreter) instead of breaking the graph around it: a fake (meta) implementation
+# gives the output shapes, register_autograd ties the backward op to the forward one.
+# The forward also returns what the backward needs (the fp32 rank-r projection xa and the
+# task grouping order/offsets), so nothing is recomputed and nothing hides in a ctx.
 
-    @staticmethod
-    def backward(ctx, dy):
-        x2, weight, lora_A, lora_B, xa, order, offsets = ctx.saved_tensors
-        need_dx, _, need_dw, need_dbias, need_da, need_db, _ = ctx.needs_input_grad
-        dy = dy.contiguous()
-        dx = da = db = None
-        if need_dx or need_da or need_db:
-            dx, da, db = _backward(dy, x2, order, offsets, weight, lora_A, lora_B, xa, ctx.scale,
-                                   need_dx, need_da, need_db)
-        dw = dy.t() @ x2 if need_dw else None
-        dbias = dy.sum(0) if (need_dbias and ctx.has_bias) else None
-        return dx, None, dw, dbias, da, db, None
+
+def _fwd_impl(x2: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+              lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float, store_xa: bool
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (y, xa, order, offsets); xa is (0, BLOCK_R) when store_xa is False (inference)."""
+    order, offsets = _route(ids, lora_A.shape[0])
+    y, xa = _forward(x2, order, offsets, weight, bias, lora_A, lora_B, scale, store_xa=store_xa)
+    if xa is None:
+        xa = x2.new_empty((0, _block_r(lora_A.shape[1])), dtype=torch.float32)
+    return y, xa, order, offsets
+
+
+def _fwd_fake(x2, ids, weight, bias, lora_A, lora_B, scale, store_xa):
+    n, (T, rank, _) = x2.shape[0], lora_A.shape
+    y = x2.new_empty((n, weight.shape[0]))
+    xa = x2.new_empty((n if store_xa else 0, _block_r(rank)), dtype=torch.float32)
+    return y, xa, ids.new_empty((n,), dtype=torch.int64), ids.new_empty((T + 1,), dtype=torch.int64)
+
+
+def _bwd_impl(dy: torch.Tensor, x2: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor,
+              weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, xa: torch.Tensor,
+              scale: float, need_dx: bool, need_da: bool, need_db: bool
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (dx, dA, dB); a gradient that is not needed comes back as an empty (0,) tensor
+    (custom ops cannot return None)."""
+    dx, da, db = _backward(dy, x2, order, offsets, weight, lora_A, lora_B, xa, scale, need_dx, need_da, need_db)
+    # A fresh empty tensor each: outputs of a custom op must not alias one another.
+    return (dx if dx is not None else x2.new_empty((0,)), da if da is not None else lora_A.new_empty((0,)),
+            db if db is not None else lora_B.new_empty((0,)))
+
+
+def _bwd_fake(dy, x2, order, offsets, weight, lora_A, lora_B, xa, scale, need_dx, need_da, need_db):
+    return (torch.empty_like(x2) if need_dx else x2.new_empty((0,)),
+            torch.empty_like(lora_A) if need_da else lora_A.new_empty((0,)),
+            torch.empty_like(lora_B) if need_db else lora_B.new_empty((0,)))
+
+
+def _setup_context(ctx, inputs, output):
+    x2, _, weight, bias, lora_A, lora_B, scale, _ = inputs
+    _, xa, order, offsets = output
+    ctx.save_for_backward(x2, weight, lora_A, lora_B, xa, order, offsets)
+    ctx.scale = scale
+    ctx.has_bias = bias is not None
+
+
+def _backward_fn(ctx, dy, _dxa, _dorder, _doffsets):
+    x2, weight, lora_A, lora_B, xa, order, offsets = ctx.saved_tensors
+    need_dx, _, need_dw, need_dbias, need_da, need_db, _, _ = ctx.needs_input_grad
+    dy = dy.contiguous()
+    dx = da = db = None
+    if need_dx or need_da or need_db:
+        if xa.shape[0] != x2.shape[0]:  # the kernel would read past the end of xa
+            raise RuntimeError("lowrank_expert_linear_fwd ran with store_xa=False (inference): it has no backward")
+        dx, da, db = _bwd_op(dy, x2, order, offsets, weight, lora_A, lora_B, xa, ctx.scale,
+                             need_dx, need_da, need_db)
+    dw = dy.t() @ x2 if need_dw else None
+    dbias = dy.sum(0) if (need_dbias and ctx.has_bias) else None
+    return (dx if need_dx else None, None, dw, dbias, da if need_da else None, db if need_db else None,
+            None, None)
+
+
+def _registered(name: str) -> bool:
+    try:
+        getattr(getattr(torch.ops, OP_NAMESPACE), name)
+    except AttributeError:
+        return False
+    return True
+
+
+# Registered once per process: if this file is imported a second time under another module
+# name (the repository root on sys.path makes it `kernels.lowrank_expert_linear` too, and
+# transformers probes for a top-level `kernels` package), the ops of the first import stay.
+if not _registered("lowrank_expert_linear_fwd"):
+    _bwd_def = torch.library.custom_op(f"{OP_NAMESPACE}::lowrank_expert_linear_bwd", _bwd_impl, mutates_args=())
+    _bwd_def.register_fake(_bwd_fake)
+    _fwd_def = torch.library.custom_op(f"{OP_NAMESPACE}::lowrank_expert_linear_fwd", _fwd_impl, mutates_args=())
+    _fwd_def.register_fake(_fwd_fake)
+    _fwd_def.register_autograd(_backward_fn, setup_context=_setup_context)
+_fwd_op = getattr(torch.ops, OP_NAMESPACE).lowrank_expert_linear_fwd.default
+_bwd_op = getattr(torch.ops, OP_NAMESPACE).lowrank_expert_linear_bwd.default
 
 
 # --------------------------------------------------------------------------- public API
@@ -476,12 +545,9 @@ def lowrank_expert_linear(x, task_ids, weight, bias, lora_A, lora_B, scale=1.0, 
     weight, lora_A, lora_B = weight.contiguous(), lora_A.contiguous(), lora_B.contiguous()
     bias = bias.contiguous() if bias is not None else None
     scale = float(scale)
+    # Inference (no grad wanted) skips the xa buffer the backward would need.
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    if needs_grad:
-        y = _LowRankExpertLinearFn.apply(x2, ids, weight, bias, lora_A, lora_B, scale)
-    else:  # inference: skip the autograd node and the xa buffer
-        order, offsets = _route(ids, lora_A.shape[0])
-        y, _ = _forward(x2, order, offsets, weight, bias, lora_A, lora_B, scale, store_xa=False)
+    y = _fwd_op(x2, ids, weight, bias, lora_A, lora_B, scale, needs_grad)[0]
     return y.reshape(*lead, weight.shape[0])
 
 

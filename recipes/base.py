@@ -36,6 +36,8 @@ class Batch:
     labels: torch.Tensor
     # Frozen-teacher features for these images (N x D), or None for teacher-free recipes.
     teacher_features: torch.Tensor | None = None
+    # Multi-task data: the task of each image (int64 N, index into TaskData.tasks); else None.
+    task_ids: torch.Tensor | None = None
 
 
 class Recipe(nn.Module):
@@ -43,6 +45,9 @@ class Recipe(nn.Module):
     needs_teacher: bool = False
     # True when the loss learns from UNLABELLED images (distillation on a transfer set).
     uses_unlabelled: bool = False
+    # True when the recipe routes every image by its task (multi-task data only): the loop
+    # passes task ids to loss (Batch.task_ids), evaluation_model and teacher_logits.
+    needs_task_ids: bool = False
 
     def __init__(self, student: nn.Module):
         super().__init__()
@@ -64,9 +69,17 @@ class Recipe(nn.Module):
         """
         raise NotImplementedError
 
-    def teacher_logits(self, teacher_features: torch.Tensor) -> torch.Tensor | None:
-        """The teacher branch's class logits, for reporting; None if the recipe has none."""
+    def teacher_logits(self, teacher_features: torch.Tensor,
+                       task_ids: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The teacher branch's class logits, for reporting; None if the recipe has none.
+        task_ids: given (and needed) only when needs_task_ids."""
         return None
+
+    def evaluation_model(self) -> nn.Module:
+        """What accuracy is measured on: logits over the data set's classes (global ids on
+        multi-task data), called as model(images), or model(images, task_ids) when
+        needs_task_ids."""
+        return self.deployable()
 
     def deployable(self) -> nn.Module:
         """The model that is exported: the student alone."""

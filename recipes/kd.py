@@ -69,5 +69,5 @@ class KDRecipe(Recipe):
         total = self.alpha * kl + (1 - self.alpha) * ce
         return total, {"kl": kl.detach(), "ce": ce.detach()}
 
-    def teacher_logits(self, teacher_features):
+    def teacher_logits(self, teacher_features, task_ids=None):
         return self.teacher_head(teacher_features)

@@ -60,5 +60,5 @@ class RDRecipe(Recipe):
         total = ce_student + self.teacher_ce_weight * ce_teacher + self.cka_weight * cka
         return total, {"ce": ce_student.detach(), "ce_teacher": ce_teacher.detach(), "cka_loss": cka.detach()}
 
-    def teacher_logits(self, teacher_features):
+    def teacher_logits(self, teacher_features, task_ids=None):
         return self.student.head(self.reprogram(teacher_features))

@@ -75,3 +75,27 @@ def test_unknown_or_misplaced_export_task_is_a_one_line_error():
     single = TaskData("one", two_tasks().train, two_tasks().test, ["a"] * 5)
     with pytest.raises(ConfigError, match="needs multi-task data"):
         check_export_task(load_config(["export.task=dark"]), single)
+
+
+def test_task_names_become_c_identifiers_for_firmware():
+    from medkd.export.exporter import firmware_symbol
+
+    assert firmware_symbol("fashion-mnist") == "medkd_fashion_mnist"
+    assert firmware_symbol("model") == "medkd_model"
+
+
+def test_guard_images_are_the_held_out_split_when_there_is_one():
+    from medkd.toolchain.export_stage import export_data
+
+    task = two_tasks()
+    single = TaskData("one", ImageSet(task.train.images, task.train.labels), ImageSet(task.test.images,
+                      task.test.labels), list(task.class_names))
+    held_out = ImageSet(torch.rand(5, 1, 8, 8), torch.tensor([0, 1, 2, 3, 4]))
+    plan = make_plan(load_config([*FAST, "export.precision=int8"]), single)
+    data = export_data(single, plan, seed=0, held_out=held_out)
+    assert torch.equal(torch.from_numpy(data.validation_images), held_out.images)
+    assert data.validation_labels.tolist() == [0, 1, 2, 3, 4]
+    assert len(data.calibration) == 8  # calibration still comes from the training images
+    fitted = export_data(single, plan, seed=0)
+    assert len(fitted.validation_labels) == 16 and not any(
+        torch.equal(torch.from_numpy(img), held_out.images[0]) for img in fitted.validation_images)

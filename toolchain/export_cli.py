@@ -81,9 +81,30 @@ def with_current_defaults(saved):
     return OmegaConf.merge(OmegaConf.create(defaults), saved)
 
 
+def trained_deployables(cfg, task, run_dir: Path) -> dict:
+    """The run's trained student, rebuilt through its recipe (so a student with task experts
+    comes back whole) and split into what the recipe deploys (one fused model per task)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from medkd.recipes import build_recipe
+
+    from .models.students import build_student
+
+    student = build_student(cfg.student, task.num_classes, task.in_chans, task.image_size)
+    teacher = json.loads((run_dir / "report.json").read_text()).get("teacher") or {}
+    recipe = build_recipe(cfg.recipe, student, teacher.get("feature_dim"), tasks=task.tasks)
+    try:
+        recipe.student.load_state_dict(load_file(str(run_dir / "student.safetensors")))
+    except Exception as exc:  # wrong keys/shapes or a damaged file
+        raise UserError(f"{run_dir / 'student.safetensors'} does not fit the run's student: "
+                        f"{type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+    return {name: module.eval() for name, module in recipe.deployables().items()}
+
+
 def reexport(run_dir: Path, overrides: list[str]) -> dict:
     from omegaconf import OmegaConf
-    from safetensors.torch import load_file
 
     from medkd.export.run_export import DEPLOYABLES, previous_artifacts, recorded_models
 
@@ -91,7 +112,6 @@ def reexport(run_dir: Path, overrides: list[str]) -> dict:
     from .config import check_values
     from .data import load_task
     from .export_stage import deployed_summary, make_plan, run_export
-    from .models.students import build_student
     from .pipeline import RunLog
     from .progress import policy_from_config
     from .provenance import source_revision, write_manifest
@@ -106,19 +126,15 @@ def reexport(run_dir: Path, overrides: list[str]) -> dict:
     check_values(cfg)
     task = load_task(cfg.data)
     plan = make_plan(cfg, task)  # every export option is checked before anything is written
-    student = build_student(cfg.student, task.num_classes, task.in_chans, task.image_size)
-    try:
-        student.load_state_dict(load_file(str(run_dir / "student.safetensors")))
-    except Exception as exc:  # wrong keys/shapes or a damaged file
-        raise UserError(f"{run_dir / 'student.safetensors'} does not fit the run's student: "
-                        f"{type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+    modules = trained_deployables(cfg, task, run_dir)
     source = source_revision()
     with locked(run_dir):
         remove_stale_files(run_dir)
         log = RunLog()
         log.attach(run_dir / LOG_NAME)
         log(f"medkd-export {' '.join(overrides)}")
-        section = run_export(cfg, run_dir, task, {"model": student.eval()}, plan, log, policy_from_config(cfg))
+        replaced_models = recorded_models(run_dir)
+        section = run_export(cfg, run_dir, task, modules, plan, log, policy_from_config(cfg))
 
         report = json.loads((run_dir / "report.json").read_text())
         report["export"] = section
@@ -132,7 +148,8 @@ def reexport(run_dir: Path, overrides: list[str]) -> dict:
         md_path, _ = write_report(run_dir, report)
         log(f"{deployed_summary(section)}; report: {md_path}")
         # The training side (checkpoint, student) keeps its recorded digests: never re-blessed here.
-        ours = {path.name for model in recorded_models(run_dir) for path in previous_artifacts(run_dir, model)}
+        models = set(replaced_models) | set(recorded_models(run_dir))  # removed ones leave the manifest
+        ours = {path.name for model in models for path in previous_artifacts(run_dir, model)}
         ours |= {DEPLOYABLES, "config.yaml", "report.json", "report.md"}
         write_manifest(run_dir, rewritten=lambda rel: rel.split("/")[0] in ours)
     return report

@@ -43,18 +43,28 @@ def make_plan(cfg: DictConfig, task: TaskData) -> ExportPlan:
                        (task.in_chans, task.image_size, task.image_size))
 
 
-def export_data(task: TaskData, plan: ExportPlan, seed: int) -> ExportData:
-    """Validation images (labelled) and calibration images (any), disjoint, from the training side."""
+def export_data(task: TaskData, plan: ExportPlan, seed: int, held_out: ImageSet | None = None) -> ExportData:
+    """Validation images (labelled) and calibration images (any), disjoint, from the training side.
+
+    With `held_out` (the images train.val_fraction kept out of training), parity and the int8
+    guard are checked on those: images the student never fitted, so the guard sees what int8
+    costs on unseen images. Otherwise they are training images the student has fitted.
+    """
     train = training_pool(task)
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
-    labelled = order[train.labels[order] != UNLABELLED]
-    validation = labelled[: plan.validation_images]
-    rest = order[~torch.isin(order, validation)]
-    calibration = rest[: plan.calibration_images]
+    if held_out is not None and len(held_out):
+        calibration = order[: plan.calibration_images]
+        checked = held_out.subset(torch.arange(min(len(held_out), plan.validation_images)))
+    else:
+        labelled = order[train.labels[order] != UNLABELLED]
+        validation = labelled[: plan.validation_images]
+        rest = order[~torch.isin(order, validation)]
+        calibration = rest[: plan.calibration_images]
+        checked = train.subset(validation)
     return ExportData(
         calibration=train.images[calibration].numpy(),
-        validation_images=train.images[validation].numpy(),
-        validation_labels=train.labels[validation].numpy(),
+        validation_images=checked.images.numpy(),
+        validation_labels=checked.labels.numpy(),
         test_images=task.test.images.numpy(),
         test_labels=task.test.labels.numpy(),
         metric=accuracy,
@@ -85,10 +95,11 @@ def selected_modules(cfg: DictConfig, modules: dict[str, torch.nn.Module]) -> di
 
 
 def run_export(cfg: DictConfig, run_dir: Path, task: TaskData, modules: dict[str, torch.nn.Module],
-               plan: ExportPlan, log, progress) -> dict:
-    data = export_data(task, plan, cfg.seed)
+               plan: ExportPlan, log, progress, held_out: ImageSet | None = None) -> dict:
+    data = export_data(task, plan, cfg.seed, held_out)
+    where = "held out of training" if held_out is not None and len(held_out) else "training images the student fitted"
     log(f"export for {cfg.target.name}: precision {plan.requested_precision}, formats {', '.join(plan.formats)}; "
-        f"{len(data.validation_labels)} validation / {len(data.calibration)} calibration images from the training side")
+        f"{len(data.validation_labels)} validation images ({where}) / {len(data.calibration)} calibration images")
     per_task = bool(task.tasks) and set(modules) <= {t.name for t in task.tasks}
     # A per-task model is checked, calibrated and tested on its own task's images only.
     deployables = [Deployable(name, module.eval(),

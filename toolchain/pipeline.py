@@ -128,7 +128,7 @@ def check_inputs(cfg: DictConfig, ctx: DistContext, log) -> BuildInputs:
     )
     student = build_student(cfg.student, task.num_classes, task.in_chans, task.image_size)
     teacher = build_teacher(cfg.teacher) if cfg.recipe.needs_teacher else None
-    recipe = build_recipe(cfg.recipe, student, teacher.feature_dim if teacher else None)
+    recipe = build_recipe(cfg.recipe, student, teacher.feature_dim if teacher else None, tasks=task.tasks)
     train = training_set(task, recipe)
     if len(train) > len(task.train):
         log(f"transfer set: + {len(train) - len(task.train)} training images with withheld labels")
@@ -227,26 +227,39 @@ def _run(cfg: DictConfig, ctx: DistContext) -> dict:
             metrics.close()
         if not ctx.is_main:
             return {}
-        deployable = recipe.deployable().eval()
         with stages("test_evaluation", quiet_start=True):
-            student_accuracy = accuracy(predict(deployable, task.test.images), task.test.labels)
-            teacher_accuracy = teacher_branch_accuracy(recipe, features["test"], task.test.labels)
-        weights = _contiguous(deployable.state_dict())
+            # Multi-task recipes route each test image to its task's expert and head.
+            test_task_ids = task.test.task_ids if recipe.needs_task_ids else None
+            student_logits = predict(recipe.evaluation_model().eval(), task.test.images, task_ids=test_task_ids)
+            student_accuracy = accuracy(student_logits, task.test.labels)
+            teacher_accuracy = teacher_branch_accuracy(recipe, features["test"], task.test.labels,
+                                                       task_ids=test_task_ids)
+        # The whole student (with every task expert for multi-task recipes), not one task's fusion.
+        weights = _contiguous(recipe.student.state_dict())
         atomic_save(run_dir / "student.safetensors", lambda tmp: save_file(weights, str(tmp)))
 
         # 4. Export for the target: fold, ONNX, fp16/int8 behind parity and the accuracy guard,
         #    TensorRT engine or on-device bundle, firmware container, latency, plots.
         with stages("export"):
-            export = run_export(cfg, run_dir, task, recipe.deployables(), inputs.plan, log, progress)
+            # Per-task models are checked on their own task's training-side images (task_view).
+            held_out = inputs.val if not task.tasks else None
+            export = run_export(cfg, run_dir, task, recipe.deployables(), inputs.plan, log, progress, held_out)
 
         timing = {"wall_time_s": round(time.perf_counter() - started, 1), "stage_seconds": dict(stages.seconds),
                   "started_at": started_at}
         report = build_report(cfg, inputs, result, export, timing, source,
-                              student_accuracy, teacher_accuracy, count_parameters(deployable))
+                              student_accuracy, teacher_accuracy, student_parameters(recipe))
         md_path, _ = write_report(run_dir, report)
         log(f"test accuracy {student_accuracy:.4f} (PyTorch fp32); {deployed_summary(export)}; report: {md_path}")
         write_manifest(run_dir)  # last: every file of the run is in place
         return report
+
+
+def student_parameters(recipe) -> dict | int:
+    """The deployed student's parameter count; for a student with task experts, what is
+    stored (shared weights + experts + heads) and what one fused task model holds."""
+    counts = getattr(recipe.student, "parameter_counts", None)
+    return counts() if counts else count_parameters(recipe.deployable())
 
 
 def build_report(cfg, inputs: BuildInputs, result, export: dict, timing: dict, source: dict, student_accuracy: float, teacher_accuracy: float | None, parameters: int) -> dict:

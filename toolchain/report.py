@@ -147,6 +147,15 @@ def _int(v: Any) -> str:
     return _num(v)
 
 
+def _parameters(v: Any) -> str:
+    """A count, or a task-expert student's {stored, shared, experts, deployed: [per task]}."""
+    if not isinstance(v, dict):
+        return _int(v)
+    deployed = v.get("deployed") if isinstance(v.get("deployed"), list) else []
+    return (f"{_int(v.get('stored'))} stored (shared {_int(v.get('shared'))} + experts {_int(v.get('experts'))} "
+            f"+ heads); each fused task model {' / '.join(_int(d) for d in deployed) or NA}")
+
+
 def _txt(v: Any) -> str:
     if v is None or v == "" or v == [] or v == {}:
         return NA
@@ -344,7 +353,7 @@ def render_markdown(report: dict) -> str:
     rows = [["Test accuracy (student, PyTorch fp32)", _pct(student_acc)]]
     if teacher_acc is not None:
         rows.append(["Test accuracy (teacher branch)", _pct(teacher_acc)])
-    rows.append(["Parameters (student)", _int(_first((student, "params"), (student, "parameters")))])
+    rows.append(["Parameters (student)", _parameters(_first((student, "params"), (student, "parameters")))])
     for name, model in _models(export).items():
         deployed = model.get("deployed_precision")
         metric = model.get("test_metric") if isinstance(model.get("test_metric"), dict) else {}

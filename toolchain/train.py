@@ -69,13 +69,21 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def predict(model, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Logits (on the CPU) of `model` for CPU `images`, run wherever the model is."""
+def predict(model, images: torch.Tensor, batch_size: int = 256, task_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits (on the CPU) of `model` for CPU `images`, run wherever the model is; with
+    `task_ids`, the model is called as model(images, task_ids) (Recipe.evaluation_model of
+    a recipe that needs_task_ids)."""
     device = _model_device(model)
     was_training = model.training
     model.eval()
-    logits = torch.cat([model(images[i : i + batch_size].to(device)).float().cpu()
-                        for i in range(0, len(images), batch_size)])
+
+    def run(i):
+        args = [images[i : i + batch_size].to(device)]
+        if task_ids is not None:
+            args.append(task_ids[i : i + batch_size].to(device))
+        return model(*args).float().cpu()
+
+    logits = torch.cat([run(i) for i in range(0, len(images), batch_size)])
     model.train(was_training)
     return logits
 
@@ -85,14 +93,17 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def teacher_branch_accuracy(recipe: Recipe, features: torch.Tensor | None, labels: torch.Tensor) -> float | None:
+def teacher_branch_accuracy(recipe: Recipe, features: torch.Tensor | None, labels: torch.Tensor,
+                            task_ids: torch.Tensor | None = None) -> float | None:
     """Accuracy of the recipe's teacher branch on precomputed teacher features (e.g. the
-    test split's, once after training); None without features or a teacher branch."""
-    if features is None:
+    test split's, once after training); None without features or a teacher branch (or
+    without task ids for a recipe that needs them)."""
+    if features is None or (recipe.needs_task_ids and task_ids is None):
         return None
     was_training = recipe.training
     recipe.eval()
-    logits = recipe.teacher_logits(features.to(_model_device(recipe)))
+    device = _model_device(recipe)
+    logits = recipe.teacher_logits(features.to(device), None if task_ids is None else task_ids.to(device))
     recipe.train(was_training)
     return None if logits is None else accuracy(logits.cpu(), labels)
 
@@ -121,21 +132,25 @@ class RecipeLoss(nn.Module):
         super().__init__()
         self.recipe = recipe
 
-    def forward(self, images, labels, teacher_features):
-        return self.recipe.loss(Batch(images, labels, teacher_features))
+    def forward(self, images, labels, teacher_features, task_ids=None):
+        return self.recipe.loss(Batch(images, labels, teacher_features, task_ids))
 
 
 @torch.no_grad()
 def _correct_count(predict_logits, inputs: torch.Tensor, labels: torch.Tensor, ctx: DistContext,
-                   batch_size: int = 256) -> torch.Tensor:
+                   batch_size: int = 256, task_ids: torch.Tensor | None = None) -> torch.Tensor:
     """[correct, total] over every rank's share of (inputs, labels), summed on the device.
 
     `inputs` may live on the CPU (images, moved per chunk) or on the device (features).
+    With `task_ids` (on the device), predict_logits is called with each chunk's task ids too.
     """
     share = torch.arange(len(labels)).tensor_split(ctx.world_size)[ctx.rank]
     counts = torch.zeros(2, dtype=torch.int64, device=ctx.device)
     for chunk in share.split(batch_size):
-        logits = predict_logits(batch_to(inputs[chunk.to(inputs.device)], ctx.device))
+        args = [batch_to(inputs[chunk.to(inputs.device)], ctx.device)]
+        if task_ids is not None:
+            args.append(task_ids[chunk.to(task_ids.device)])
+        logits = predict_logits(*args)
         counts[0] += (logits.argmax(1) == labels[chunk.to(labels.device)]).sum()
         counts[1] += len(chunk)
     return all_reduce_sum(ctx, counts)
@@ -147,9 +162,12 @@ def _evaluate(recipe: Recipe, val: ImageSet, val_features: torch.Tensor | None, 
     was_training = recipe.training
     recipe.eval()
     labels = val.labels.to(ctx.device)
-    counts = {"val_accuracy": _correct_count(recipe.deployable(), val.images, labels, ctx)}
-    if val_features is not None and len(val_features) and recipe.teacher_logits(val_features[:1]) is not None:
-        counts["teacher_val_accuracy"] = _correct_count(recipe.teacher_logits, val_features, labels, ctx)
+    task_ids = val.task_ids.to(ctx.device) if recipe.needs_task_ids else None
+    counts = {"val_accuracy": _correct_count(recipe.evaluation_model(), val.images, labels, ctx, task_ids=task_ids)}
+    if val_features is not None and len(val_features) and recipe.teacher_logits(
+            val_features[:1], None if task_ids is None else task_ids[:1]) is not None:
+        counts["teacher_val_accuracy"] = _correct_count(recipe.teacher_logits, val_features, labels, ctx,
+                                                        task_ids=task_ids)
     recipe.train(was_training)
     values = torch.stack(list(counts.values())).tolist()  # the one device read of the evaluation
     return {k: correct / max(total, 1) for k, (correct, total) in zip(counts, values)}
@@ -205,11 +223,15 @@ def fit(
     if settings.batch_size % dist.world_size:
         raise UserError(f"train.batch_size={settings.batch_size} must be a multiple of the number of "
                         f"processes ({dist.world_size}): it is the global batch, split evenly over them")
+    if recipe.needs_task_ids and train.task_ids is None:
+        raise UserError(f"recipe={recipe.name} needs multi-task data (data=multitask): every training image "
+                        "must carry its task id, and this data set is a single task")
     if not dist.is_main:
         log = _quiet
 
     recipe.to(device)
     train_labels = train.labels.to(device)
+    train_task_ids = None if train.task_ids is None else train.task_ids.to(device)
     train_features = None if train_teacher_features is None else train_teacher_features.to(device)
     val_features = None if val_teacher_features is None or val is None else val_teacher_features.to(device)
     optimizer = torch.optim.AdamW(
@@ -274,6 +296,7 @@ def fit(
                     batch_to(train.images[index], device),
                     train_labels[index_on_device],
                     None if train_features is None else train_features[index_on_device],
+                    None if train_task_ids is None else train_task_ids[index_on_device],
                 )
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
