@@ -36,9 +36,9 @@ def counts(labels: torch.Tensor, num_classes: int) -> list[int]:
     return torch.bincount(labels, minlength=num_classes).tolist()
 
 
-def raises_user_error(cfg, *fragments: str) -> str:
-    """load_task(cfg) must fail with a one-line UserError that mentions every fragment."""
-    with pytest.raises(UserError) as info:
+def raises_user_error(cfg, *fragments: str, error=UserError) -> str:
+    """load_task(cfg) must fail with a one-line `error` that mentions every fragment."""
+    with pytest.raises(error) as info:
         load_task(cfg)
     message = str(info.value)
     assert "\n" not in message

@@ -16,8 +16,10 @@ from medkd.toolchain.data import ct, fashion_mnist, load_task
 from medkd.toolchain.data.base import ImageSet
 from medkd.toolchain.data.mri_volume import DEFAULT_DIR as MRI_DIR
 from medkd.toolchain.data.multitask import DEFAULTS
-from medkd.toolchain.errors import ConfigError, UserError
+from medkd.toolchain.errors import ConfigError
 from medkd.toolchain.export_stage import training_pool
+
+from test_data import raises_user_error
 
 needs_builtins = pytest.mark.skipif(
     not ((MRI_DIR / "ch2.nii.gz").is_file() and ct.DEFAULT_PATH.is_file()
@@ -43,14 +45,7 @@ def write_npz(path: Path, n_classes: int, size: int, rgb: bool, seed: int, n=6, 
     return path
 
 
-def refused(cfg, *fragments: str, error=UserError) -> str:
-    with pytest.raises(error) as info:
-        load_task(cfg)
-    message = str(info.value)
-    assert "\n" not in message
-    for fragment in fragments:
-        assert fragment in message, message
-    return message
+refused = raises_user_error
 
 
 @pytest.fixture(scope="module")

@@ -169,13 +169,19 @@ def _grads(output, params):
     return torch.autograd.grad(output, params, retain_graph=True, allow_unused=True)
 
 
-def test_gradient_separation_is_exact_in_a_mixed_batch():
+def prepared_recipe():
+    """A training-mode lorkd recipe with non-zero experts and fitted probes, and a mixed batch."""
     torch.manual_seed(0)
     recipe = lorkd()
     recipe.train()
     random_experts(recipe.student)
     batch = mixed_batch()
     recipe.prepare(batch.teacher_features, batch.labels)
+    return recipe, batch
+
+
+def test_gradient_separation_is_exact_in_a_mixed_batch():
+    recipe, batch = prepared_recipe()
     experts = [m for _, m in recipe.student.modules_with_experts()]
     assert len(experts) == 3
     per_task = [p for m in experts for p in (m.lora_A, m.lora_B)]  # index 0 = task
@@ -211,12 +217,7 @@ def _sub_batch(batch: Batch, t: int) -> Batch:
 def test_each_task_term_is_what_that_task_alone_would_give():
     """Per-task BatchNorm: task t's term (and expert t's gradient) in the mixed batch equal those
     of a batch of task t's images alone; with ordinary BatchNorm they do not (control)."""
-    torch.manual_seed(0)
-    recipe = lorkd()
-    recipe.train()
-    random_experts(recipe.student)
-    batch = mixed_batch()
-    recipe.prepare(batch.teacher_features, batch.labels)
+    recipe, batch = prepared_recipe()
 
     def term_and_expert_grad(r, b, t):
         ce, kl = r.task_terms(b)[t]

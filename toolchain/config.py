@@ -19,6 +19,9 @@ from .errors import ConfigError
 from .metrics_log import check_logger_name
 
 CONF_DIR = Path(__file__).parent / "conf"
+# Accepted `device` and `train.precision` values (toolchain/device.py acts on them).
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16", "fp16")
 GROUPS = ("recipe", "target", "data", "teacher", "student")
 
 
@@ -95,8 +98,6 @@ def check_values(cfg: DictConfig) -> None:
         raise ConfigError(f"progress must be auto, true or false, got '{cfg.progress}'")
     _positive_number(cfg.progress_interval, "progress_interval")
     check_logger_name(cfg.logger)
-    from .device import DEVICES, PRECISIONS  # here, not at the top: it imports torch
-
     if cfg.device not in DEVICES:
         raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got '{cfg.device}'")
     if cfg.train.precision not in PRECISIONS:

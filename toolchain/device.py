@@ -15,10 +15,9 @@ import contextlib
 
 import torch
 
+from .config import DEVICES, PRECISIONS
 from .errors import ConfigError
 
-DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("fp32", "bf16", "fp16")
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 

@@ -75,13 +75,7 @@ class DataConfig:
 
 def parse_data_config(cfg, valid_names: list[str]) -> DataConfig:
     """Check every value of `cfg` (DictConfig or mapping) and return a DataConfig."""
-    raw = config_mapping(cfg)
-    unknown = sorted(set(raw) - set(DEFAULTS))
-    if unknown:
-        raise ConfigError(
-            f"unknown data key(s): {', '.join(unknown)}; valid keys: {', '.join(DEFAULTS)}"
-        )
-    values = {**DEFAULTS, **raw}
+    values = with_defaults(cfg, DEFAULTS)
 
     name = values["name"]
     if name not in valid_names:
@@ -146,6 +140,15 @@ def parse_data_config(cfg, valid_names: list[str]) -> DataConfig:
         intensity=parse_intensity(values["intensity"]),
         allow_unseen_test_classes=values["allow_unseen_test_classes"],
     )
+
+
+def with_defaults(cfg, defaults: dict, context: str = "") -> dict:
+    """`cfg` as a plain dict over `defaults`; a key `defaults` lacks is a one-line ConfigError."""
+    raw = config_mapping(cfg)
+    unknown = sorted(set(raw) - set(defaults))
+    if unknown:
+        raise ConfigError(f"unknown data key(s){context}: {', '.join(unknown)}; valid keys: {', '.join(defaults)}")
+    return {**defaults, **raw}
 
 
 def config_mapping(cfg) -> dict:

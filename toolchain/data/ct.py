@@ -55,7 +55,7 @@ from .base import ImageSet, TaskData
 from .config import DataConfig
 from .intensity import IntensityRule, scale_to_unit
 from .inv3 import read_inv3
-from .transforms import resize_images
+from .transforms import patches_to_images
 
 DEFAULT_PATH = Path("/usr/share/doc/invesalius-examples/examples/Cranium.inv3")
 # The levels below were drawn on this volume; another scan needs its own.
@@ -200,7 +200,7 @@ def build_ct_task(volume: CtVolume, seed: int, image_size: int | None,
     sets = {}
     for split in ("train", "test"):
         patches = extract_patches(scaled, starts[split], PATCH_PX, mirror=split == "test")
-        images = resize_images(torch.from_numpy(np.ascontiguousarray(patches))[:, None], image_size)
+        images = patches_to_images(patches, image_size)
         sets[split] = ImageSet(images, torch.from_numpy(levels[split]))
     dz = volume.spacing_mm[2]
     task = TaskData(

@@ -38,7 +38,7 @@ from ..errors import UserError
 from .base import ImageSet, TaskData
 from .config import DataConfig
 from .mri_volume import MriVolume, load_mri_volume, read_mri_volume  # noqa: F401 (re-export)
-from .transforms import resize_images
+from .transforms import patches_to_images
 
 GROUP_PREFIXES = {
     "frontal": ("Precentral", "Frontal_", "Rolandic_Oper", "Supp_Motor_Area", "Olfactory", "Rectus"),
@@ -140,7 +140,7 @@ def build_mri_task(volume: MriVolume, seed: int, image_size: int | None,
     sets = {}
     for split in ("train", "test"):
         patches = extract_patches(volume.t1, centres[split], patch_mm, mirror=split == "test")
-        images = resize_images(torch.from_numpy(np.ascontiguousarray(patches))[:, None], image_size)
+        images = patches_to_images(patches, image_size)
         labels = torch.from_numpy(groups[tuple(centres[split].T)].astype(np.int64) - 1)
         sets[split] = ImageSet(images, labels)
     task = TaskData(

@@ -48,7 +48,7 @@ import torch
 
 from ..errors import ConfigError, UserError
 from .base import TASK_CLASS_SEPARATOR, ImageSet, TaskData, TaskInfo
-from .config import config_mapping
+from .config import with_defaults
 from .transforms import resize_images
 
 NAME = "multitask"
@@ -74,13 +74,7 @@ _DEFAULT_NAME = re.compile(r"class_\d+")
 
 def task_specs(cfg) -> tuple[list[dict], int | None]:
     """Each task's own `data` config, in task order, and the common image size (None: largest)."""
-    raw = config_mapping(cfg)
-    unknown = sorted(set(raw) - set(DEFAULTS))
-    if unknown:
-        raise ConfigError(
-            f"unknown data key(s) for data.name={NAME}: {', '.join(unknown)}; valid keys: {', '.join(DEFAULTS)}"
-        )
-    values = {**DEFAULTS, **raw}
+    values = with_defaults(cfg, DEFAULTS, f" for data.name={NAME}")
     tasks, paths = _string_list(values["tasks"], "tasks"), _string_list(values["npz_paths"], "npz_paths")
     bad = [t for t in tasks if t not in BUILTIN_TASKS]
     if bad:

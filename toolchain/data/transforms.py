@@ -34,3 +34,8 @@ def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
         # 1; infinite values stay (clamp would make them 1) for validate.py to report.
         out[start : start + _RESIZE_CHUNK] = torch.where(resized.isinf(), resized, resized.clamp(0.0, 1.0))
     return out
+
+
+def patches_to_images(patches: np.ndarray, size: int) -> torch.Tensor:
+    """N x H x W patches (any strides, e.g. mirrored views) as N x 1 x size x size images."""
+    return resize_images(torch.from_numpy(np.ascontiguousarray(patches))[:, None], size)
