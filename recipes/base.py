@@ -48,6 +48,9 @@ class Recipe(nn.Module):
     # True when the recipe routes every image by its task (multi-task data only): the loop
     # passes task ids to loss (Batch.task_ids), evaluation_model and teacher_logits.
     needs_task_ids: bool = False
+    # True when the recipe trains part of the foundation model itself (recipe=lora): the
+    # builder passes the frozen teacher module, not just its feature width.
+    needs_teacher_module: bool = False
 
     def __init__(self, student: nn.Module):
         super().__init__()
@@ -55,6 +58,17 @@ class Recipe(nn.Module):
 
     def prepare(self, teacher_features: torch.Tensor | None, labels: torch.Tensor) -> None:
         """One-off work before the first epoch (not repeated on resume)."""
+
+    def parameter_groups(self, lr: float) -> list[dict]:
+        """Optimizer parameter groups (each may set its own "lr"); default: every trainable
+        parameter at the configured learning rate."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr}]
+
+    def feature_extractor(self, teacher: nn.Module) -> nn.Module:
+        """What the cached "teacher features" of a Batch are computed by: the frozen teacher's
+        pooled features by default; a recipe may cache an intermediate output instead (any
+        module with `fingerprint`, `feature_dim` and forward(images) -> N x feature_dim)."""
+        return teacher
 
     def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Total loss to minimise and its named parts for the training log.

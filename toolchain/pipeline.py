@@ -128,7 +128,8 @@ def check_inputs(cfg: DictConfig, ctx: DistContext, log) -> BuildInputs:
     )
     student = build_student(cfg.student, task.num_classes, task.in_chans, task.image_size)
     teacher = build_teacher(cfg.teacher) if cfg.recipe.needs_teacher else None
-    recipe = build_recipe(cfg.recipe, student, teacher.feature_dim if teacher else None, tasks=task.tasks)
+    recipe = build_recipe(cfg.recipe, student, teacher.feature_dim if teacher else None, tasks=task.tasks,
+                          teacher=teacher)
     train = training_set(task, recipe)
     if len(train) > len(task.train):
         log(f"transfer set: + {len(train) - len(task.train)} training images with withheld labels")
@@ -145,9 +146,10 @@ def shared_teacher_features(cfg: DictConfig, ctx: DistContext, inputs: BuildInpu
     if inputs.teacher is None:
         return {"train": None, "val": None, "test": None}
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else None
+    extractor = inputs.recipe.feature_extractor(inputs.teacher)
 
     def features(images, split):
-        return teacher_features(inputs.teacher, images, cache_dir, cfg.train.teacher_batch_size,
+        return teacher_features(extractor, images, cache_dir, cfg.train.teacher_batch_size,
                                 desc=f"teacher features ({split})", progress=progress)
 
     return {

@@ -235,7 +235,7 @@ def fit(
     train_features = None if train_teacher_features is None else train_teacher_features.to(device)
     val_features = None if val_teacher_features is None or val is None else val_teacher_features.to(device)
     optimizer = torch.optim.AdamW(
-        [p for p in recipe.parameters() if p.requires_grad],
+        recipe.parameter_groups(settings.lr),
         lr=settings.lr,
         weight_decay=settings.weight_decay,
         # Fused: the step counters live on the device (the default keeps them on the host
