@@ -8,6 +8,8 @@
                                                # add --out FILE to also write its JSON)
     python bench/kernels.py --compile-check  # no GPU: compile the kernels for sm_80/sm_90
                                                # and report shared memory / pipelining / MMA
+    python bench/kernels.py --list-lorkd-shapes  # no GPU: print the expert-layer shapes that
+                                               # recipe=lorkd's default student produces
 
 What is timed (milliseconds, median of triton.testing.do_bench):
 
@@ -19,6 +21,11 @@ What is timed (milliseconds, median of triton.testing.do_bench):
     dense    y = x W0^T + b and dx = dy W0 alone: the floor the fused op cannot beat
 * CKA loss, distillation setting: student x requires grad, teacher y does not; loss +
   dx of fused / eager / compile as above.
+
+Shapes: the expert linear is timed at square synthetic shapes (LOWRANK_SHAPES) and at
+the shapes recipe=lorkd actually produces (`lorkd_shapes`: the student bench/lorkd.py trains and
+the data=multitask input, one training batch, every 1x1 conv / linear with an expert, as
+(rows, d_in, d_out) with rows = batch x H x W for a 1x1 conv); `--shapes` picks.
 
 Goals (reported, not asserted): fused expert linear <= 1.15x the dense floor and
 >= 1.5x faster than eager; fused CKA >= 2x faster than eager.
@@ -55,6 +62,56 @@ DTYPES = ["bfloat16", "float16", "float32"]
 CHECK_TOL = {"float32": 1e-3, "float16": 1e-2, "bfloat16": 5e-2}
 
 
+def lorkd_shapes(student: str = "mobilenetv3", batch_size: int | None = None) -> list[dict]:
+    """(n rows, d_in, d_out, rank, tasks) of every call of the fused expert linear in one
+    training forward of recipe=lorkd on data=multitask with `student` (default: the one
+    bench/lorkd.py trains, rich in 1x1 convs); shapes only, runs on the CPU."""
+    import importlib
+
+    import torch
+
+    from medkd.recipes import build_recipe
+    from medkd.toolchain.config import load_config
+    from medkd.toolchain.data.base import TaskInfo
+    from medkd.toolchain.models import experts
+    from medkd.toolchain.models.students import build_student
+
+    cfg = load_config(["recipe=lorkd", "data=multitask", f"student={student}"])
+    batch = batch_size or int(cfg.train.batch_size)
+    size, names = int(cfg.data.image_size), list(cfg.data.tasks)
+    # Class counts do not change any expert layer's shape (heads are plain linears).
+    tasks, offset = [], 0
+    for name in names:
+        tasks.append(TaskInfo(name=name, class_names=[f"{name}:{k}" for k in range(4)], offset=offset))
+        offset += 4
+    student = build_student(cfg.student, offset, 3, size)
+    recipe = build_recipe(cfg.recipe, student, 8, tasks=tasks)
+    seen: dict[tuple, int] = {}
+    # Both call sites of the op: ExpertConv2d (1x1 convs) and LowRankExpertLinear (linears).
+    # (importlib: medkd.kernels re-exports a function under the module's own name)
+    kernel_module = importlib.import_module("medkd.kernels.lowrank_expert_linear")
+
+    call_sites = (experts, kernel_module)
+    original = kernel_module.lowrank_expert_linear
+
+    def recording(x, task_ids, weight, bias, lora_A, lora_B, scale=1.0, **kwargs):
+        key = (x.reshape(-1, x.shape[-1]).shape[0], weight.shape[1], weight.shape[0], lora_A.shape[1], lora_A.shape[0])
+        seen[key] = seen.get(key, 0) + 1
+        return original(x, task_ids, weight, bias, lora_A, lora_B, scale, **kwargs)
+
+    for site in call_sites:
+        site.lowrank_expert_linear = recording
+    try:
+        with torch.no_grad():
+            ids = torch.arange(batch) % len(tasks)
+            recipe.student(torch.rand(batch, 3, size, size), ids)
+    finally:
+        for site in call_sites:
+            site.lowrank_expert_linear = original
+    return [{"n": n, "d_in": di, "d_out": do, "rank": r, "tasks": t, "layers": c}
+            for (n, di, do, r, t), c in sorted(seen.items(), key=lambda kv: -kv[0][0] * kv[0][1] * kv[0][2])]
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     mode = p.add_mutually_exclusive_group()
@@ -62,6 +119,12 @@ def parse_args(argv=None):
                       help="run one tiny case per op through triton's CPU interpreter")
     mode.add_argument("--compile-check", action="store_true",
                       help="compile the kernels for sm_80 and sm_90 (no GPU needed)")
+    mode.add_argument("--list-lorkd-shapes", action="store_true",
+                      help="print the expert-linear shapes of recipe=lorkd's default student and exit")
+    p.add_argument("--lorkd-student", default="mobilenetv3",
+                   help="student whose LoRKD expert shapes are timed / listed (bench/lorkd.py's default)")
+    p.add_argument("--shapes", choices=["all", "synthetic", "lorkd"], default="all",
+                   help="expert-linear shapes to time: square synthetic ones, LoRKD's own, or both")
     p.add_argument("--quick", action="store_true", help="one shape per op, bfloat16 only")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     p.add_argument("--out", type=Path, default=None, help="results file (default: bench/results/...)")
@@ -90,7 +153,11 @@ def max_rel_err(a, b) -> float:
 # --------------------------------------------------------------------------- cases
 
 
-def lowrank_case(n, d, rank, tasks, dtype_name, device, use_compile):
+def _shape(n, d_in, d_out, rank, tasks, source="synthetic") -> dict:
+    return {"n": n, "d_in": d_in, "d_out": d_out, "rank": rank, "tasks": tasks, "source": source}
+
+
+def lowrank_case(n, d_in, d_out, rank, tasks, dtype_name, device, use_compile):
     import torch
     import torch.nn.functional as F
 
@@ -103,12 +170,12 @@ def lowrank_case(n, d, rank, tasks, dtype_name, device, use_compile):
         t = torch.randn(*shape, generator=g, device=device) * scale
         return t.to(dtype).requires_grad_(grad)
 
-    x = rnd(n, d, grad=True)
+    x = rnd(n, d_in, grad=True)
     ids = torch.randint(0, tasks, (n,), generator=g, device=device)
-    w, b = rnd(d, d, scale=d ** -0.5), rnd(d, scale=0.1)  # frozen base
-    lora_a = rnd(tasks, rank, d, scale=d ** -0.5, grad=True)
-    lora_b = rnd(tasks, d, rank, scale=0.1, grad=True)
-    dy = rnd(n, d)
+    w, b = rnd(d_out, d_in, scale=d_in ** -0.5), rnd(d_out, scale=0.1)  # frozen base
+    lora_a = rnd(tasks, rank, d_in, scale=d_in ** -0.5, grad=True)
+    lora_b = rnd(tasks, d_out, rank, scale=0.1, grad=True)
+    dy = rnd(n, d_out)
 
     def fwd_bwd(op):
         def run():
@@ -176,14 +243,16 @@ def ratio(num, den):
 def bench_lowrank(shapes, dtypes, device, on_gpu, use_compile):
     rows = []
     for dtype_name in dtypes:
-        for n, d, rank, tasks in shapes:
-            variants, err = lowrank_case(n, d, rank, tasks, dtype_name, device, use_compile)
+        for shape in shapes:
+            n, d_in, d_out, rank, tasks = (shape["n"], shape["d_in"], shape["d_out"], shape["rank"], shape["tasks"])
+            variants, err = lowrank_case(n, d_in, d_out, rank, tasks, dtype_name, device, use_compile)
             times = run_variants(variants, on_gpu)
             vs_dense = ratio(times["fused"], times["dense"])
             vs_eager = ratio(times["eager"], times["fused"])
             rows.append({
                 "op": "lowrank_expert_linear", "dtype": dtype_name,
-                "n": n, "d_in": d, "d_out": d, "rank": rank, "tasks": tasks,
+                "n": n, "d_in": d_in, "d_out": d_out, "rank": rank, "tasks": tasks,
+                "source": shape.get("source", "synthetic"),
                 "max_rel_err_vs_eager": err, "correct": err <= CHECK_TOL[dtype_name],
                 "ms": times,
                 "fused_over_dense": vs_dense,
@@ -231,7 +300,8 @@ def print_row(r):
     if r["op"] == "cka_loss":
         shape = f"n={r['n']} d={r['d1']}/{r['d2']}"
     else:
-        shape = f"n={r['n']} d={r['d_in']} r={r['rank']} T={r['tasks']}"
+        d = r["d_in"] if r["d_in"] == r["d_out"] else f"{r['d_in']}>{r['d_out']}"
+        shape = f"n={r['n']} d={d} r={r['rank']} T={r['tasks']}"
     ms = r["ms"]
     print(f"{'cka' if r['op'] == 'cka_loss' else 'lowrank':<8} {r['dtype']:<9} {shape:<26}"
           f" {_fmt(ms['fused']):>8} {_fmt(ms['eager']):>8} {_fmt(ms.get('compile')):>8}"
@@ -294,6 +364,11 @@ def main(argv=None) -> int:
 
     if args.compile_check:
         return compile_check()
+    if args.list_lorkd_shapes:
+        print(f"{'rows':>7} {'d_in':>5} {'d_out':>5} {'rank':>4} {'tasks':>5} {'layers':>6}")
+        for s in lorkd_shapes(args.lorkd_student):
+            print(f"{s['n']:>7} {s['d_in']:>5} {s['d_out']:>5} {s['rank']:>4} {s['tasks']:>5} {s['layers']:>6}")
+        return 0
 
     use_compile = not args.no_compile
     if args.interpret_smoke:
@@ -301,7 +376,7 @@ def main(argv=None) -> int:
         print("interpreter smoke run (CPU): times are NOT kernel performance; "
               "results are written only with --out")
         print_header()
-        lowrank = bench_lowrank([(64, 32, 4, 3)], ["float32"], device, False, use_compile)
+        lowrank = bench_lowrank([_shape(64, 32, 24, 4, 3)], ["float32"], device, False, use_compile)
         cka = bench_cka([(64, 24, 16)], ["float32"], device, False, use_compile)
         if args.out:
             write_results(args.out, "cpu (triton interpreter smoke run)", lowrank, cka, args)
@@ -313,9 +388,12 @@ def main(argv=None) -> int:
 
     device = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 is fp32 for every variant
-    lowrank_shapes, cka_shapes, dtypes = LOWRANK_SHAPES, CKA_SHAPES, DTYPES
+    synthetic = [_shape(n, d, d, r, t) for n, d, r, t in LOWRANK_SHAPES]
+    lorkd = [{**s, "source": f"lorkd-{args.lorkd_student}"} for s in lorkd_shapes(args.lorkd_student)]
+    lowrank_shapes = {"all": synthetic + lorkd, "synthetic": synthetic, "lorkd": lorkd}[args.shapes]
+    cka_shapes, dtypes = CKA_SHAPES, DTYPES
     if args.quick:
-        lowrank_shapes, cka_shapes, dtypes = LOWRANK_SHAPES[1:2], CKA_SHAPES[1:2], ["bfloat16"]
+        lowrank_shapes, cka_shapes, dtypes = lowrank_shapes[:1], CKA_SHAPES[1:2], ["bfloat16"]
     name = torch.cuda.get_device_name(device)
     print(f"device: {name}  " + "  ".join(f"{k} {v}" for k, v in versions().items()))
     print("times: ms, median, forward+backward; f/dense = fused / dense GEMM floor;"
