@@ -1,17 +1,27 @@
-"""Benchmark: RD vs KD vs scratch on the MRI task and Fashion-MNIST, full and data-scarce.
+"""Benchmark: RD vs KD vs PEFT-LoRA vs scratch, full and scarce labels, with RD's ablations.
 
-The paper's claim under test: RD beats KD and training from scratch, most of all when
-labels are scarce. Every (dataset, label fraction, seed) trains all three recipes with
-the same labelled images, the same student and the same frozen-teacher features (once
-per dataset, indexed for subsets). With scarce labels the distillation recipes also
-see the unlabelled rest of the training images (the transfer set; --no-transfer turns
-that off), since withholding labels does not make the images disappear.
+The paper's claim under test: RD beats PEFT and KD (and training from scratch), most of all
+when labels are scarce. Every (teacher, dataset, label fraction, seed) trains every arm with
+the same labelled images, the same student, the same augmented views and the same cached
+frozen-teacher features (once per dataset and feature extractor, indexed for subsets). With
+scarce labels the distillation recipes also see the unlabelled rest of the training images
+(the transfer set; --no-transfer turns that off), since withholding labels does not make the
+images disappear.
 
-    python bench/distill.py                      # full protocol (3 seeds, 100% and 10%)
+Arms (ARMS): scratch, kd, lora (the foundation model fine-tuned with PEFT LoRA + a linear
+head), rd-paper (RD with every switch off: the loss before the issue's changes) and rd (the
+configured defaults, chosen on a validation split by bench/rd_defaults.py). --ablation adds
+rd without each of its parts: co-training (teacher-branch CE), the shared head, CKA, the
+logit term. The test split is evaluated once per run, after training, and never used to
+choose anything.
+
+    python bench/distill.py                      # main arms, mri + ct + fashion-mnist, 3 seeds
+    python bench/distill.py --ablation --datasets mri ct
     python bench/distill.py --seeds 0 --epochs 2 --max-train 256   # quick look
 
-Prints a table (mean ± std of test accuracy over seeds) and writes
-bench/results/distill.json. Reports what it measures, whichever way it comes out.
+Prints a table (mean ± std of test accuracy over seeds) and writes bench/results/distill.json
+(partial results after every run, "complete": false until the last). Reports what it
+measures, whichever way it comes out.
 """
 
 from __future__ import annotations
@@ -31,21 +41,42 @@ from medkd.recipes import RECIPES as RECIPE_CLASSES
 from medkd.recipes import UNLABELLED, build_recipe
 from medkd.toolchain.config import load_config
 from medkd.toolchain.data import ImageSet, load_task
+from medkd.toolchain.data.augment import ViewTable, augmentation, draw_view_table, image_specs
 from medkd.toolchain.data.sampling import stratified_fraction
-from medkd.toolchain.features import teacher_features
+from medkd.toolchain.features import teacher_features, view_teacher_features
 from medkd.toolchain.models.students import build_student
+from medkd.toolchain.models.teacher_runtime import runtime_extractor
 from medkd.toolchain.models.teachers import build_teacher
 from medkd.toolchain.train import TrainSettings, accuracy, fit, predict, teacher_branch_accuracy
 
-RECIPES = ("rd", "kd", "scratch")
+# name -> (recipe, config overrides). rd-paper turns off every switch added for the issue.
+ARMS = {
+    "scratch": ("scratch", []),
+    "kd": ("kd", []),
+    "lora": ("lora", []),
+    "rd-paper": ("rd", ["recipe.cka_detach_teacher=false", "recipe.logit_weight=0", "recipe.reprogram_lr_scale=1",
+                        "recipe.head_lr_scale=1", "recipe.shared_head=true"]),
+    "rd": ("rd", []),
+}
+ABLATIONS = {
+    "rd-no-cotrain": ("rd", ["recipe.teacher_ce_weight=0"]),
+    "rd-no-shared-head": ("rd", ["recipe.shared_head=false"]),
+    "rd-no-cka": ("rd", ["recipe.cka_weight=0"]),
+    "rd-no-logit": ("rd", ["recipe.logit_weight=0"]),
+}
+ALL_ARMS = {**ARMS, **ABLATIONS}
+# The arms RD is compared against in the "rd best?" column.
+BASELINES = ("scratch", "kd", "lora")
 RESULTS = Path(__file__).parent / "results" / "distill.json"
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--datasets", nargs="+", default=["mri", "fashion-mnist"])
+    parser.add_argument("--datasets", nargs="+", default=["mri", "ct", "fashion-mnist"])
     parser.add_argument("--fractions", nargs="+", type=float, default=[0.1, 1.0])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--arms", nargs="+", choices=list(ALL_ARMS), default=list(ARMS))
+    parser.add_argument("--ablation", action="store_true", help="also run RD without each of its parts")
     parser.add_argument("--epochs", type=int, default=None, help="default: the config's train.epochs")
     parser.add_argument(
         "--scarce-epoch-factor", type=float, default=3.0,
@@ -56,23 +87,43 @@ def parse_args(argv=None):
         help="with scarce labels, train every recipe on the labelled images only "
         "(default: kd/rd also distil on the unlabelled rest, the transfer set)",
     )
+    parser.add_argument("--no-augment", dest="augment", action="store_false",
+                        help="train on the images as they are (default: each data set's data.augment)")
     parser.add_argument("--max-train", type=int, default=None, help="cap on the full training set")
     parser.add_argument("--max-test", type=int, default=None)
-    parser.add_argument("--teacher", default="litemedsam")
+    parser.add_argument("--teachers", nargs="+", default=["litemedsam"],
+                        help="teacher configs, optionally NAME@INPUT_SIZE, e.g. litemedsam@256 efficientnet-lite0")
     parser.add_argument("--student", default="resnet18")
+    parser.add_argument("--override", action="append", default=[],
+                        help="extra config override for every run, e.g. teacher.backend=onnxruntime")
     parser.add_argument("--output", type=Path, default=RESULTS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.ablation:
+        args.arms = list(dict.fromkeys(args.arms + list(ABLATIONS)))
+    return args
 
 
-def bench_config(args, dataset: str):
-    overrides = [f"data={dataset}", f"teacher={args.teacher}", f"student={args.student}", "progress=false"]
+def teacher_overrides(spec: str) -> list[str]:
+    name, _, size = spec.partition("@")
+    return [f"teacher={name}"] + ([f"teacher.input_size={int(size)}"] if size else [])
+
+
+def bench_config(args, dataset: str, teacher: str | None = None, arm: str | None = None):
+    """The config of one run; bench/lorkd.py calls it too (its args: no arms, one --teacher)."""
+    teacher = teacher or args.teacher
+    overrides = [f"data={dataset}", *teacher_overrides(teacher), f"student={args.student}", "progress=false"]
+    if arm is not None:
+        recipe, arm_overrides = ALL_ARMS[arm]
+        overrides += [f"recipe={recipe}", *arm_overrides]
     if args.epochs:
         overrides.append(f"train.epochs={args.epochs}")
     if args.max_train:
         overrides.append(f"data.max_train={args.max_train}")
     if args.max_test:
         overrides.append(f"data.max_test={args.max_test}")
-    return load_config(overrides)
+    if not getattr(args, "augment", True):
+        overrides.append("data.augment=none")
+    return load_config(overrides + list(getattr(args, "override", [])))
 
 
 def scarce_training_set(task, labelled_index: torch.Tensor, recipe_cls, transfer: bool):
@@ -89,100 +140,184 @@ def scarce_training_set(task, labelled_index: torch.Tensor, recipe_cls, transfer
     return labelled_index, task.train.labels[labelled_index]
 
 
-def run_one(cfg, recipe_name: str, task, train: ImageSet, train_feats, test_feats, seed: int, epochs: int) -> dict:
+class DatasetContext:
+    """One (teacher, data set): the task, the augmented views of its training images, and the
+    teacher features of every extractor a recipe asks for (computed once, cached on disk)."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.task = load_task(cfg.data)
+        self.teacher = build_teacher(cfg.teacher)
+        settings = augmentation(cfg.data)
+        self.augment = settings.describe()
+        self.views = (draw_view_table(image_specs(settings, len(self.task.train)), settings.views, int(cfg.data.seed))
+                      if settings.enabled else None)
+        self._features: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def features(self, extractor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(train features, K x N x D with views else N x D; test features N x D)."""
+        cache, batch = Path(self.cfg.cache_dir), self.cfg.train.teacher_batch_size
+        extractor = runtime_extractor(extractor, self.cfg.teacher.backend, self.cfg.teacher.precision, cache,
+                                      calibration_images=self.task.train.images)
+        key = extractor.fingerprint
+        if key not in self._features:
+
+            def extract(images, desc):
+                return teacher_features(extractor, images, cache, batch, f"teacher ({desc})")
+
+            train = (extract(self.task.train.images, "train") if self.views is None
+                     else view_teacher_features(extract, self.task.train.images, self.views, "train"))
+            self._features[key] = (train, extract(self.task.test.images, "test"))
+        return self._features[key]
+
+
+def cpu_latency_ms(model: torch.nn.Module, image_shape, runs: int = 20) -> float:
+    """Median batch-1 eager PyTorch latency on the CPU: a like-for-like cost of the deployables."""
+    model.eval()
+    x = torch.rand(1, *image_shape)
+    times = []
+    with torch.no_grad():
+        for i in range(runs + 3):
+            started = time.perf_counter()
+            model(x)
+            if i >= 3:
+                times.append((time.perf_counter() - started) * 1e3)
+    return statistics.median(times)
+
+
+def run_one(cfg, recipe_name: str, task, train: ImageSet, train_feats, test_feats, seed: int, epochs: int, *,
+            recipe_cfg=None, teacher=None, views: ViewTable | None = None, measure_cost: bool = False) -> dict:
+    """Train one recipe (recipe_cfg, default: the config file of recipe_name) on `train` and score
+    it on the test split, once; bench/lorkd.py calls it for its per-task students.
+    train_feats: K x N x D with `views`, else N x D; teacher: the frozen module (recipe=lora)."""
     torch.manual_seed(seed)
-    recipe_cfg = load_config([f"recipe={recipe_name}"]).recipe
+    recipe_cfg = recipe_cfg if recipe_cfg is not None else load_config([f"recipe={recipe_name}"]).recipe
     student = build_student(cfg.student, task.num_classes, task.in_chans, task.image_size)
-    recipe = build_recipe(recipe_cfg, student, train_feats.shape[1])
+    teacher_dim = None if train_feats is None else train_feats.shape[-1]
+    recipe = build_recipe(recipe_cfg, student, teacher_dim, teacher=teacher)
     settings = TrainSettings(epochs, cfg.train.batch_size, cfg.train.lr, cfg.train.weight_decay, seed, False)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as run_dir:
-        fit(recipe, train, None, settings, Path(run_dir), "bench",
-            train_feats if recipe.needs_teacher else None, log=lambda line: None)
+        fit(recipe, train, None, settings, Path(run_dir), "bench", train_feats if recipe.needs_teacher else None,
+            log=lambda line: None, augment=views)
+    train_seconds = time.perf_counter() - started
+    deployed = recipe.deployable()
     # The test split is evaluated once, after training (fit never sees it).
-    return {
-        "test_accuracy": accuracy(predict(recipe.deployable(), task.test.images), task.test.labels),
+    row = {
+        "test_accuracy": accuracy(predict(recipe.evaluation_model(), task.test.images), task.test.labels),
         "teacher_test_accuracy": teacher_branch_accuracy(recipe, test_feats if recipe.needs_teacher else None,
                                                          task.test.labels),
         "train_size": len(train),
         "labelled": int((train.labels != UNLABELLED).sum()),
         "epochs": epochs,
-        "train_seconds": round(time.perf_counter() - started, 1),
+        "train_seconds": round(train_seconds, 1),
+        "deployed_parameters": sum(p.numel() for p in deployed.parameters()),
     }
+    if measure_cost:
+        row["cpu_latency_ms_batch1"] = round(cpu_latency_ms(deployed, task.test.images.shape[1:]), 3)
+    return row
+
+
+def run_arm(args, data: DatasetContext, dataset: str, teacher: str, arm: str, labelled_index: torch.Tensor,
+            seed: int, measure_cost: bool) -> dict:
+    """One arm on one (teacher, data set, label subset, seed)."""
+    cfg = bench_config(args, dataset, teacher, arm)
+    task = data.task
+    recipe_cls = RECIPE_CLASSES[cfg.recipe.name]
+    index, labels = scarce_training_set(task, labelled_index, recipe_cls, args.transfer)
+    train = ImageSet(task.train.images[index], labels)
+    # Few images -> few steps per epoch; give small sets more epochs.
+    epochs = round(cfg.train.epochs * min(len(task.train) / len(index), args.scarce_epoch_factor))
+    train_feats = test_feats = None
+    if recipe_cls.needs_teacher:
+        # The recipe decides what is cached (recipe=lora: an intermediate output), so build it first.
+        probe = build_recipe(cfg.recipe, build_student(cfg.student, task.num_classes, task.in_chans, task.image_size),
+                             data.teacher.feature_dim, teacher=data.teacher)
+        all_train, test_feats = data.features(probe.feature_extractor(data.teacher))
+        train_feats = all_train[index] if data.views is None else all_train[:, index]
+    views = None if data.views is None else ViewTable(data.views.params[:, index])
+    return run_one(cfg, cfg.recipe.name, task, train, train_feats, test_feats, seed, epochs, recipe_cfg=cfg.recipe,
+                   teacher=data.teacher, views=views, measure_cost=measure_cost)
 
 
 def summarise(rows: list[dict]) -> list[dict]:
     groups: dict[tuple, list[float]] = {}
     for row in rows:
-        groups.setdefault((row["dataset"], row["fraction"], row["recipe"]), []).append(row["test_accuracy"])
+        key = (row["teacher"], row["dataset"], row["fraction"], row["arm"])
+        groups.setdefault(key, []).append(row["test_accuracy"])
     return [
-        {"dataset": d, "fraction": f, "recipe": r, "seeds": len(accs),
+        {"teacher": t, "dataset": d, "fraction": f, "arm": a, "seeds": len(accs),
          "mean": statistics.mean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0}
-        for (d, f, r), accs in groups.items()
+        for (t, d, f, a), accs in groups.items()
     ]
 
 
+def rd_verdict(cells: dict) -> str:
+    """Is tuned rd above every baseline present? ('-' when rd or every baseline is missing)."""
+    baselines = [a for a in BASELINES if a in cells]
+    if "rd" not in cells or not baselines:
+        return "-"
+    best = max(baselines, key=lambda a: cells[a]["mean"])
+    if cells["rd"]["mean"] > cells[best]["mean"]:
+        return "yes"
+    return "tie" if cells["rd"]["mean"] == cells[best]["mean"] else f"no ({best})"
+
+
 def print_table(summary: list[dict]) -> None:
-    print(f"\n{'dataset':<14}{'labels':>7}  " + "".join(f"{r:>16}" for r in RECIPES) + "   rd best?")
-    keys = sorted({(s["dataset"], s["fraction"]) for s in summary}, key=lambda k: (k[0], -k[1]))
-    for dataset, fraction in keys:
-        cells = {s["recipe"]: s for s in summary if s["dataset"] == dataset and s["fraction"] == fraction}
-        line = f"{dataset:<14}{fraction:>7.0%}  "
-        line += "".join(f"{cells[r]['mean']:>9.4f}±{cells[r]['std']:.3f}" if r in cells else f"{'-':>16}" for r in RECIPES)
-        if all(r in cells for r in RECIPES):
-            others = max(cells[r]["mean"] for r in RECIPES if r != "rd")
-            if cells["rd"]["mean"] > others:
-                line += "   yes"
-            else:
-                best = max(RECIPES, key=lambda r: cells[r]["mean"])
-                line += "   tie" if cells["rd"]["mean"] == others else f"   no ({best})"
-        print(line)
+    arms = [a for a in ALL_ARMS if any(s["arm"] == a for s in summary)]
+    print(f"\n{'teacher':<16}{'dataset':<14}{'labels':>7}  " + "".join(f"{a:>18}" for a in arms) + "   rd best?")
+    keys = sorted({(s["teacher"], s["dataset"], s["fraction"]) for s in summary}, key=lambda k: (k[0], k[1], -k[2]))
+    for teacher, dataset, fraction in keys:
+        cells = {s["arm"]: s for s in summary
+                 if (s["teacher"], s["dataset"], s["fraction"]) == (teacher, dataset, fraction)}
+        line = f"{teacher:<16}{dataset:<14}{fraction:>7.0%}  "
+        line += "".join(f"{cells[a]['mean']:>11.4f}±{cells[a]['std']:.3f}" if a in cells else f"{'-':>18}"
+                        for a in arms)
+        print(line + "   " + rd_verdict(cells))
 
 
-def write_results(args, cfg, rows: list[dict], complete: bool) -> None:
+def write_results(args, rows: list[dict], augment: dict, complete: bool) -> None:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps({
         "benchmark": "distill",
-        "claim": "RD beats KD and scratch, most in the data-scarce setting",
+        "claim": "RD beats PEFT (lora), KD and scratch, most in the data-scarce setting",
+        "command": "python bench/distill.py " + " ".join(sys.argv[1:]),
         "complete": complete,
         "device": f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "torch": torch.__version__,
-        "teacher": args.teacher, "student": args.student,
-        "epochs_full_labels": cfg.train.epochs,
+        "teachers": args.teachers, "student": args.student, "arms": args.arms,
+        "arm_overrides": {a: ALL_ARMS[a][1] for a in args.arms},
+        "epochs_full_labels": args.epochs or int(load_config([]).train.epochs),
         "scarce_epoch_factor": args.scarce_epoch_factor,
         "unlabelled_transfer_set": args.transfer,
-        "max_train": args.max_train, "max_test": args.max_test,
+        "augmentation": augment,
+        "max_train": args.max_train, "max_test": args.max_test, "overrides": args.override,
         "summary": summarise(rows), "runs": rows,
-    }, indent=2))
+    }, indent=2) + "\n")
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    rows = []
-    for dataset in args.datasets:
-        cfg = bench_config(args, dataset)
-        task = load_task(cfg.data)
-        teacher = build_teacher(cfg.teacher)
-        cache = Path(cfg.cache_dir)
-        train_feats = teacher_features(teacher, task.train.images, cache, cfg.train.teacher_batch_size, "teacher (train)")
-        test_feats = teacher_features(teacher, task.test.images, cache, cfg.train.teacher_batch_size, "teacher (test)")
-        for fraction in args.fractions:
-            for seed in args.seeds:
-                labelled_index = torch.as_tensor(stratified_fraction(task.train.labels.numpy(), fraction, seed))
-                for recipe_name in RECIPES:
-                    index, labels = scarce_training_set(task, labelled_index, RECIPE_CLASSES[recipe_name], args.transfer)
-                    train = ImageSet(task.train.images[index], labels)
-                    # Few images -> few steps per epoch; give small sets more epochs.
-                    epochs = round(cfg.train.epochs * min(len(task.train) / len(index), args.scarce_epoch_factor))
-                    row = {"dataset": dataset, "fraction": fraction, "seed": seed, "recipe": recipe_name}
-                    row.update(run_one(cfg, recipe_name, task, train, train_feats[index], test_feats, seed, epochs))
-                    rows.append(row)
-                    write_results(args, cfg, rows, complete=False)  # partial results survive a kill
-                    print(f"{dataset} {fraction:.0%} seed {seed} {recipe_name:<8} "
-                          f"acc {row['test_accuracy']:.4f}  ({row['train_seconds']} s, n={row['train_size']})",
-                          flush=True)
+    rows, augment = [], {}
+    for teacher in args.teachers:
+        for dataset in args.datasets:
+            data = DatasetContext(bench_config(args, dataset, teacher))
+            augment[dataset] = data.augment
+            measured_cost = set()
+            for fraction in args.fractions:
+                for seed in args.seeds:
+                    labelled_index = torch.as_tensor(stratified_fraction(data.task.train.labels.numpy(), fraction, seed))
+                    for arm in args.arms:
+                        row = {"teacher": teacher, "dataset": dataset, "fraction": fraction, "seed": seed, "arm": arm}
+                        row.update(run_arm(args, data, dataset, teacher, arm, labelled_index, seed, arm not in measured_cost))
+                        measured_cost.add(arm)
+                        rows.append(row)
+                        write_results(args, rows, augment, complete=False)  # partial results survive a kill
+                        print(f"{teacher} {dataset} {fraction:.0%} seed {seed} {arm:<18} "
+                              f"acc {row['test_accuracy']:.4f}  ({row['train_seconds']} s, n={row['train_size']})",
+                              flush=True)
     print_table(summarise(rows))
-    write_results(args, cfg, rows, complete=True)
+    write_results(args, rows, augment, complete=True)
     print(f"\nwrote {args.output}")
     return 0
 

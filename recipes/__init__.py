@@ -6,12 +6,13 @@ from medkd.toolchain.errors import ConfigError
 
 from .base import UNLABELLED, Batch, Recipe, labelled_cross_entropy
 from .kd import KDRecipe
+from .lora import LoRARecipe
 from .lorkd import LoRKDRecipe
 from .rd import RDRecipe
 from .scratch import ScratchRecipe
 
 RECIPES: dict[str, type[Recipe]] = {
-    cls.name: cls for cls in (KDRecipe, LoRKDRecipe, RDRecipe, ScratchRecipe)
+    cls.name: cls for cls in (KDRecipe, LoRARecipe, LoRKDRecipe, RDRecipe, ScratchRecipe)
 }
 
 

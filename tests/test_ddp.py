@@ -231,5 +231,6 @@ def test_medkd_build_under_torchrun_writes_one_run_and_shares_teacher_features(t
     report = json.loads((run_dir / "report.json").read_text())
     assert report["training"]["world_size"] == 2
     assert done.stdout.count("stage teacher_features: started") == 1  # rank 1 logs nothing
-    assert len(list(cache_dir.glob("*.safetensors"))) == 2  # train + test features, computed by rank 0 only
+    # Train (one file per augmented view, data.augment_views) + test features, computed by rank 0 only.
+    assert len(list(cache_dir.glob("*.safetensors"))) == report["data"]["augment"]["views"] + 1 == 3
     assert not list(tmp_path.glob("*/.medkd.lock")) and verify([str(run_dir)]) == 0

@@ -172,5 +172,5 @@ def test_a_build_off_a_terminal_logs_every_stage_and_progress_lines(tmp_path, ca
     for fmt in ("onnx", "firmware"):
         assert f"export model {fmt}: started" in out
     # Long-running parts print progress lines (here every 1 ms): teacher features, epochs, latency.
-    assert "teacher features (train): " in err and " img (" in err
+    assert "teacher features (train, view 1/2): " in err and " img (" in err  # data=mri: 2 augmented views
     assert "epoch 1/2: " in err and "latency: " in err

@@ -22,6 +22,9 @@ CONF_DIR = Path(__file__).parent / "conf"
 # Accepted `device` and `train.precision` values (toolchain/device.py acts on them).
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16", "fp16")
+# Accepted `teacher.backend` and `teacher.precision` (toolchain/models/teacher_runtime.py acts on them).
+TEACHER_BACKENDS = ("torch", "onnxruntime")
+TEACHER_PRECISIONS = ("fp32", "int8")
 GROUPS = ("recipe", "target", "data", "teacher", "student")
 
 
@@ -102,6 +105,17 @@ def check_values(cfg: DictConfig) -> None:
         raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got '{cfg.device}'")
     if cfg.train.precision not in PRECISIONS:
         raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}, got '{cfg.train.precision}'")
+    check_teacher_runtime(cfg.teacher.get("backend", "torch"), cfg.teacher.get("precision", "fp32"))
+
+
+def check_teacher_runtime(backend, precision) -> None:
+    """One-line ConfigError for a teacher backend/precision medkd cannot run."""
+    if backend not in TEACHER_BACKENDS:
+        raise ConfigError(f"teacher.backend must be one of {', '.join(TEACHER_BACKENDS)}, got '{backend}'")
+    if precision not in TEACHER_PRECISIONS:
+        raise ConfigError(f"teacher.precision must be one of {', '.join(TEACHER_PRECISIONS)}, got '{precision}'")
+    if precision != "fp32" and backend != "onnxruntime":
+        raise ConfigError(f"teacher.precision={precision} needs teacher.backend=onnxruntime")
 
 
 def _positive_int(value, key: str) -> None:

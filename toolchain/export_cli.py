@@ -88,13 +88,18 @@ def trained_deployables(cfg, task, run_dir: Path) -> dict:
 
     from safetensors.torch import load_file
 
-    from medkd.recipes import build_recipe
+    from medkd.recipes import RECIPES, build_recipe
 
     from .models.students import build_student
+    from .models.teachers import build_teacher
 
     student = build_student(cfg.student, task.num_classes, task.in_chans, task.image_size)
     teacher = json.loads((run_dir / "report.json").read_text()).get("teacher") or {}
-    recipe = build_recipe(cfg.recipe, student, teacher.get("feature_dim"), tasks=task.tasks)
+    # A recipe that fine-tunes the foundation model (lora) rebuilds it around the teacher's
+    # modules; student.safetensors then holds the whole fine-tuned model, teacher part included.
+    recipe_cls = RECIPES.get(cfg.recipe.name)
+    module = build_teacher(cfg.teacher) if recipe_cls is not None and recipe_cls.needs_teacher_module else None
+    recipe = build_recipe(cfg.recipe, student, teacher.get("feature_dim"), tasks=task.tasks, teacher=module)
     try:
         recipe.student.load_state_dict(load_file(str(run_dir / "student.safetensors")))
     except Exception as exc:  # wrong keys/shapes or a damaged file

@@ -5,7 +5,8 @@
 The cache file is `cache_dir/<teacher.fingerprint>-<images digest>.safetensors`, where
 the images digest is the SHA-256 of the tensor's dtype, shape and bytes, and the
 fingerprint covers the teacher's architecture, input size, preprocessing and weights
-content. Files are written atomically (temporary file + os.replace), so a killed run
+content (and, for a teacher run by ONNX Runtime, the backend and precision:
+medkd.toolchain.models.teacher_runtime). Files are written atomically (temporary file + os.replace), so a killed run
 never leaves a half-written cache entry; an unreadable or inconsistent entry (bad
 file, wrong shape/dtype, non-finite values) is recomputed with a warning.
 """
@@ -105,3 +106,17 @@ def teacher_features(
         metadata = {"fingerprint": str(teacher.fingerprint), "num_images": str(n)}
         atomic_save(path, lambda tmp: save_file({FEATURES_KEY: feats}, str(tmp), metadata=metadata))
     return feats
+
+
+def view_teacher_features(features, images: torch.Tensor, views, split: str) -> torch.Tensor:
+    """K x N x D: `features(images, desc)` of each of the K views (a data.augment.ViewTable) of
+    `images`, rendered one view at a time (one extra copy of the images in memory); with a
+    caching `features`, each view is cached on its own, view 0 shared with un-augmented runs."""
+    out = None
+    for view in range(views.views):
+        rendered = images if view == 0 else views.render_view(images, view)
+        feats = features(rendered, f"{split}, view {view + 1}/{views.views}")
+        if out is None:
+            out = torch.empty(views.views, *feats.shape, dtype=feats.dtype)
+        out[view] = feats
+    return out

@@ -12,7 +12,7 @@ import platform
 import sys
 import time
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
@@ -27,15 +27,17 @@ from .atomic import atomic_save, atomic_write_text
 from .checkpoint import config_fingerprint
 from .config import default_run_dir
 from .data import load_task
+from .data.augment import AugmentSettings, ViewTable, augmentation, training_views
 from .data.base import ImageSet, TaskData
-from .data.sampling import holdout_split
+from .data.val_split import split_validation as validation_split
 from .device import check_precision
 from .distributed import DistContext, broadcast_object, compute_once, setup, teardown
 from .errors import UserError
 from .export_stage import deployed_summary, make_plan, run_export, training_pool
-from .features import teacher_features
+from .features import teacher_features, view_teacher_features
 from .metrics_log import NullMetricsLogger, build_metrics_logger
 from .models.students import build_student, count_parameters
+from .models.teacher_runtime import runtime_extractor
 from .models.teachers import build_teacher
 from .progress import StageTimer, policy_from_config
 from .provenance import data_digest, source_revision, teacher_weights, write_manifest
@@ -85,17 +87,19 @@ def training_set(task, recipe) -> ImageSet:
     return training_pool(task) if recipe.uses_unlabelled else task.train
 
 
-def split_validation(task: TaskData, fraction: float, seed: int) -> tuple[TaskData, ImageSet | None]:
-    """Hold out `fraction` of the labelled training images (per class) for per-epoch validation.
+def split_validation(task: TaskData, fraction: float, seed: int, rule: str = "auto",
+                     log=None) -> tuple[TaskData, ImageSet | None]:
+    """Hold out about `fraction` of the labelled training images for per-epoch validation.
 
     Training then never sees them, and the test split is left for one evaluation at the end.
-    For patch data sets the held-out patches are neighbours of training patches, so this
-    watches training; it does not measure generalisation (the test split does).
+    `rule` is train.val_split: auto | spatial | random (data/val_split.py): whole axial slabs
+    with a guard slab either side where the images have positions (mri, ct), else per class
+    at random. The rule used goes to `log` and to task.provenance (the report).
     """
-    if fraction <= 0:
-        return task, None
-    keep, held_out = holdout_split(task.train.labels.numpy(), fraction, seed)
-    return replace(task, train=task.train.subset(torch.from_numpy(keep))), task.train.subset(torch.from_numpy(held_out))
+    split = validation_split(task, fraction, seed, rule)
+    if log is not None and fraction > 0:
+        log(split.describe())
+    return split.task, split.val
 
 
 @dataclass
@@ -111,6 +115,8 @@ class BuildInputs:
     plan: object
     fingerprint: str
     teacher_info: dict | None  # for the report, kept after the teacher itself is released
+    augment: AugmentSettings | None = None  # data.augment / data.augment_views, for the report
+    views: ViewTable | None = None  # the K views of every image of `train`; None = not augmented
 
 
 def check_inputs(cfg: DictConfig, ctx: DistContext, log) -> BuildInputs:
@@ -120,8 +126,9 @@ def check_inputs(cfg: DictConfig, ctx: DistContext, log) -> BuildInputs:
     if cfg.train.batch_size % ctx.world_size:
         raise UserError(f"train.batch_size={cfg.train.batch_size} must be a multiple of the number of "
                         f"processes ({ctx.world_size})")
+    augment = augmentation(cfg.data)  # a bad spec fails before the data loads
     full_task = load_task(cfg.data)
-    task, val = split_validation(full_task, cfg.train.val_fraction, cfg.seed)
+    task, val = split_validation(full_task, cfg.train.val_fraction, cfg.seed, cfg.train.val_split, log)
     log(
         f"data: {task.name}  {len(task.train)} train / {len(val) if val else 0} validation / "
         f"{len(task.test)} test  {task.num_classes} classes  {task.in_chans}x{task.image_size}x{task.image_size}"
@@ -133,11 +140,16 @@ def check_inputs(cfg: DictConfig, ctx: DistContext, log) -> BuildInputs:
     train = training_set(task, recipe)
     if len(train) > len(task.train):
         log(f"transfer set: + {len(train) - len(task.train)} training images with withheld labels")
+    views = training_views(augment, train, task, cfg.data.seed)
+    if views is not None:
+        log(f"augment: {augment.describe()['spec']}, {views.views} views per training image "
+            "(view 0 = the image; teacher features of every view)")
     plan = make_plan(cfg, full_task)
     teacher_info = None if teacher is None else {
         **OmegaConf.to_container(cfg.teacher), "feature_dim": teacher.feature_dim,
         "weights": cfg.teacher.checkpoint or f"shipped with the package ({teacher.fingerprint})"}
-    return BuildInputs(run_dir, task, val, train, teacher, recipe, plan, training_fingerprint(cfg), teacher_info)
+    return BuildInputs(run_dir, task, val, train, teacher, recipe, plan, training_fingerprint(cfg), teacher_info,
+                       augment, views)
 
 
 def shared_teacher_features(cfg: DictConfig, ctx: DistContext, inputs: BuildInputs, progress) -> dict:
@@ -146,14 +158,21 @@ def shared_teacher_features(cfg: DictConfig, ctx: DistContext, inputs: BuildInpu
     if inputs.teacher is None:
         return {"train": None, "val": None, "test": None}
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else None
-    extractor = inputs.recipe.feature_extractor(inputs.teacher)
+    # The one place the extractor is chosen: what the recipe caches, run by teacher.backend.
+    extractor = runtime_extractor(inputs.recipe.feature_extractor(inputs.teacher), cfg.teacher.backend,
+                                  cfg.teacher.precision, cache_dir, calibration_images=inputs.train.images)
 
     def features(images, split):
         return teacher_features(extractor, images, cache_dir, cfg.train.teacher_batch_size,
                                 desc=f"teacher features ({split})", progress=progress)
 
+    def train_features():
+        if inputs.views is None:
+            return features(inputs.train.images, "train")
+        return view_teacher_features(features, inputs.train.images, inputs.views, "train")
+
     return {
-        "train": compute_once(ctx, lambda: features(inputs.train.images, "train")),
+        "train": compute_once(ctx, train_features),
         "val": compute_once(ctx, lambda: features(inputs.val.images, "val")) if inputs.val else None,
         "test": features(inputs.task.test.images, "test") if ctx.is_main else None,
     }
@@ -224,7 +243,8 @@ def _run(cfg: DictConfig, ctx: DistContext) -> dict:
             with stages("training"):
                 result = fit(recipe, inputs.train, inputs.val, settings, run_dir, inputs.fingerprint,
                              features["train"], features["val"], resume=cfg.resume, log=log,
-                             device=ctx.device, dist=ctx, on_epoch_end=lambda r: metrics.log_epoch(r["epoch"], r))
+                             device=ctx.device, dist=ctx, on_epoch_end=lambda r: metrics.log_epoch(r["epoch"], r),
+                             augment=inputs.views)
         finally:
             metrics.close()
         if not ctx.is_main:
@@ -282,6 +302,7 @@ def build_report(cfg, inputs: BuildInputs, result, export: dict, timing: dict, s
                  "test": len(task.test), "unlabelled_transfer_set": len(train) - len(task.train),
                  "num_classes": task.num_classes, "class_names": task.class_names,
                  "image_shape": [task.in_chans, task.image_size, task.image_size],
+                 "augment": inputs.augment.describe() if inputs.augment else None,
                  "provenance": task.provenance},
         "teacher": inputs.teacher_info,
         "student": {"name": cfg.student.name, "parameters": parameters},

@@ -148,9 +148,13 @@ def _int(v: Any) -> str:
 
 
 def _parameters(v: Any) -> str:
-    """A count, or a task-expert student's {stored, shared, experts, deployed: [per task]}."""
+    """A count, a task-expert student's {stored, shared, experts, deployed: [per task]}, or a
+    fine-tuned foundation model's {total, trainable, lora, head} (recipe=lora)."""
     if not isinstance(v, dict):
         return _int(v)
+    if "trainable" in v:
+        return (f"{_int(v.get('total'))} deployed (LoRA merged); {_int(v.get('trainable'))} trained "
+                f"(LoRA {_int(v.get('lora'))} + head {_int(v.get('head'))})")
     deployed = v.get("deployed") if isinstance(v.get("deployed"), list) else []
     return (f"{_int(v.get('stored'))} stored (shared {_int(v.get('shared'))} + experts {_int(v.get('experts'))} "
             f"+ heads); each fused task model {' / '.join(_int(d) for d in deployed) or NA}")
@@ -329,6 +333,9 @@ def render_markdown(report: dict) -> str:
     training, export, target = (_sec(report, s) for s in ("training", "export", "target"))
     provenance = data.get("provenance") if isinstance(data.get("provenance"), dict) else {}
     student_name = _first((student, "arch"), (student, "name"), (run, "student"))
+    counts = _first((student, "params"), (student, "parameters"))
+    if isinstance(counts, dict) and counts.get("model"):  # recipe=lora deploys the foundation model itself
+        student_name = counts["model"]
     teacher_name = _first((teacher, "name"), (run, "teacher"))
     student_acc = _first((student, "test_accuracy"), (training, "test_accuracy"))
     teacher_acc = _first((teacher, "test_accuracy"), (training, "teacher_test_accuracy"))
@@ -353,7 +360,7 @@ def render_markdown(report: dict) -> str:
     rows = [["Test accuracy (student, PyTorch fp32)", _pct(student_acc)]]
     if teacher_acc is not None:
         rows.append(["Test accuracy (teacher branch)", _pct(teacher_acc)])
-    rows.append(["Parameters (student)", _parameters(_first((student, "params"), (student, "parameters")))])
+    rows.append(["Parameters (student)", _parameters(counts)])
     for name, model in _models(export).items():
         deployed = model.get("deployed_precision")
         metric = model.get("test_metric") if isinstance(model.get("test_metric"), dict) else {}

@@ -14,6 +14,12 @@ Under torchrun (see distributed.py) every rank draws the same seeded permutation
 an equal contiguous share of each global batch of `batch_size` rows, so the averaged
 gradients equal a single process's full-batch gradient; rank 0 alone logs and checkpoints.
 The test split is not seen here: `val` (optional) is evaluated after every epoch.
+
+Augmentation (`augment`, a data.augment.ViewTable): every epoch each training image is shown
+as one of its K fixed views, drawn from the shuffling generator right after the permutation
+(so resume, every rank and every recipe see the same views for the same seed); the batch is
+rendered on the training device and gets the teacher features of that very view (K x N x D
+features, computed on the same pixels). Validation is never augmented.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from medkd.kernels._dispatch import backends_run, reset_backends_run
 from medkd.recipes import Batch, Recipe
 
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from .data.augment import ViewTable
 from .data.base import ImageSet
 from .device import autocast, batch_to, check_precision, grad_scaler
 from .distributed import DistContext, all_reduce_sum, barrier, broadcast_object, sync_buffers
@@ -203,14 +210,17 @@ def fit(
     device: torch.device | str | None = None,
     dist: DistContext | None = None,
     on_epoch_end: Callable[[dict], None] | None = None,
+    augment: ViewTable | None = None,
 ) -> TrainResult:
     """Train `recipe` on `train`; `val` (may be None) is evaluated after every epoch.
 
     device: where to train (default: dist.device, else the CPU); dist: the torchrun
     context from distributed.setup() (default: a single process); on_epoch_end: called
     with each epoch's record (losses, val metrics) once it is checkpointed, on rank 0
-    only, like `log` (e.g. TensorBoard scalars). The recipe is returned on the CPU, in
-    eval mode, ready for export.
+    only, like `log` (e.g. TensorBoard scalars); augment: the K views of every training
+    image (data/augment.py), with train_teacher_features K x N x D (view 0 = the images
+    themselves, which recipe.prepare gets); without it features are N x D and the images are
+    shown as they are. The recipe is returned on the CPU, in eval mode, ready for export.
     """
     if dist is None:
         dist = DistContext(device=torch.device(device if device is not None else "cpu"))
@@ -226,6 +236,7 @@ def fit(
     if recipe.needs_task_ids and train.task_ids is None:
         raise UserError(f"recipe={recipe.name} needs multi-task data (data=multitask): every training image "
                         "must carry its task id, and this data set is a single task")
+    _check_augment(augment, train, train_teacher_features)
     if not dist.is_main:
         log = _quiet
 
@@ -233,6 +244,7 @@ def fit(
     train_labels = train.labels.to(device)
     train_task_ids = None if train.task_ids is None else train.task_ids.to(device)
     train_features = None if train_teacher_features is None else train_teacher_features.to(device)
+    views = None if augment is None else augment.to(device)
     val_features = None if val_teacher_features is None or val is None else val_teacher_features.to(device)
     optimizer = torch.optim.AdamW(
         recipe.parameter_groups(settings.lr),
@@ -271,7 +283,9 @@ def fit(
     else:
         if resume:
             log(f"resume=true but no checkpoint in {run_dir}; starting from epoch 0")
-        recipe.prepare(train_features, train_labels)
+        # With views, the teacher's features of the images themselves (view 0).
+        recipe.prepare(train_features if views is None or train_features is None else train_features[0],
+                       train_labels)
 
     model = RecipeLoss(recipe)
     if dist.enabled:
@@ -286,16 +300,24 @@ def fit(
         recipe.train()
         order = torch.randperm(len(train), generator=shuffle_rng)
         order_on_device = order.to(device)
+        # Drawn after the permutation from the same generator: checkpointed with it.
+        epoch_views = None if views is None else views.epoch_views(shuffle_rng).to(device)
         sums: dict[str, torch.Tensor] = {}
         bar = policy.bar(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{settings.epochs}", unit="batch")
         for step in range(steps_per_epoch):
             index = step_indices(order, step, settings.batch_size, dist.rank, dist.world_size)
             index_on_device = step_indices(order_on_device, step, settings.batch_size, dist.rank, dist.world_size)
+            images = batch_to(train.images[index], device)
+            rows = index_on_device
+            if views is not None:  # each image as its view of the epoch, with that view's features
+                rows = (epoch_views[index_on_device], index_on_device)
+                images = views.render(images, *rows)
+            features = None if train_features is None else train_features[rows]
             with autocast(settings.precision, device):
                 loss, parts = model(
-                    batch_to(train.images[index], device),
+                    images,
                     train_labels[index_on_device],
-                    None if train_features is None else train_features[index_on_device],
+                    features,
                     None if train_task_ids is None else train_task_ids[index_on_device],
                 )
             optimizer.zero_grad(set_to_none=True)
@@ -338,6 +360,17 @@ def fit(
     recipe.eval()
     recipe.to("cpu")
     return result
+
+
+def _check_augment(augment: ViewTable | None, train: ImageSet, features: torch.Tensor | None) -> None:
+    """Views and teacher features must describe the same images (a caller's bug, not the user's)."""
+    if augment is None:
+        return
+    if augment.num_images != len(train):
+        raise ValueError(f"augment has views of {augment.num_images} images, the training set {len(train)}")
+    if features is not None and (features.ndim < 3 or tuple(features.shape[:2]) != (augment.views, len(train))):
+        raise ValueError(f"with {augment.views} views of {len(train)} images, train_teacher_features must be "
+                         f"{augment.views} x {len(train)} x D, got {tuple(features.shape)}")
 
 
 def _training_state(fingerprint, epoch, recipe, optimizer, scheduler, scaler, shuffle_rng, device, history) -> dict:

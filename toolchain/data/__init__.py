@@ -2,7 +2,9 @@
 
 `cfg` is the `data` config (OmegaConf DictConfig or a plain mapping) with keys name, path,
 image_size, max_train, max_test, train_fraction, unlabelled_transfer, seed, intensity,
-allow_unseen_test_classes; config.py documents each key and its default. Datasets: mri
+allow_unseen_test_classes, augment, augment_views; config.py documents each key and its
+default. `augment` and `augment_views` do not change what load_task returns: they are the
+training-time views (augment.py, `augmentation(cfg)`) that the training loop renders. Datasets: mri
 (embedded default), ct (head CT levels), fashion-mnist, npz, folder, and multitask (several
 of them in one TaskData with per-image task ids; its keys: multitask.py); see
 available_datasets(). Every loaded data set (each task of a multitask one) passes the same
@@ -10,8 +12,9 @@ checks (validate.py), non-8-bit images one intensity rule (intensity.py), and it
 intensity baseline is recorded (baseline.py).
 """
 
+from .augment import augmentation
 from .base import ImageSet, TaskData, TaskInfo
 from .mri_volume import load_mri_volume
 from .registry import available_datasets, load_task
 
-__all__ = ["ImageSet", "TaskData", "TaskInfo", "available_datasets", "load_mri_volume", "load_task"]
+__all__ = ["ImageSet", "TaskData", "TaskInfo", "augmentation", "available_datasets", "load_mri_volume", "load_task"]

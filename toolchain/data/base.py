@@ -21,6 +21,17 @@ the training loop can batch mixed-task samples:
   `TaskData.task_view(name)`.
 - Withheld labels (train_fraction < 1) stay UNLABELLED (-100) in both forms, and the withheld
   images' task ids are `TaskData.unlabelled_task_ids`.
+
+Where an image came from (`ImageSet.spatial_group`, optional): data sets cut from one volume
+(mri, ct) number the axial slab each training patch lies in, so a validation split can hold
+out whole slabs (toolchain/data/sampling.py spatial_holdout). The promise a data set makes:
+  - images in different slabs share no voxel;
+  - slabs g and g + 1 are neighbours in space, and one slab is a wide enough gap between
+    validation and training images (the data set picks the slab width with that in mind);
+  - NO_SPATIAL_GROUP (-1) marks an image with no known position (multi-task data: the tasks
+    without coordinates, e.g. fashion-mnist); None = no image has one.
+On multi-task data slab numbers are per task (each task its own volume): the slab of an image
+is (task id, spatial_group). The withheld-label images' slabs are `TaskData.unlabelled_spatial_group`.
 """
 
 from __future__ import annotations
@@ -31,16 +42,21 @@ import torch
 
 # Separates the task from the class in a multi-task data set's class names: "ct:vertex".
 TASK_CLASS_SEPARATOR = ":"
+# spatial_group of an image whose position is unknown (see the module docstring).
+NO_SPATIAL_GROUP = -1
 
 
 @dataclass
 class ImageSet:
-    """Images as float32 N x C x H x W in [0, 1], labels as int64 N; task_ids int64 N or None."""
+    """Images as float32 N x C x H x W in [0, 1], labels as int64 N; task_ids and
+    spatial_group int64 N or None."""
 
     images: torch.Tensor
     labels: torch.Tensor
     # Multi-task data only: the task of each image (index into TaskData.tasks).
     task_ids: torch.Tensor | None = None
+    # The slab of its source volume each image lies in (module docstring); None = unknown.
+    spatial_group: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4:
@@ -49,20 +65,23 @@ class ImageSet:
             raise ValueError(
                 f"labels must have shape ({self.images.shape[0]},), got {tuple(self.labels.shape)}"
             )
-        if self.task_ids is not None and (
-            self.task_ids.shape != self.labels.shape or self.task_ids.dtype != torch.int64
-        ):
-            raise ValueError(
-                f"task_ids must be int64 of shape ({self.images.shape[0]},), got "
-                f"{self.task_ids.dtype} {tuple(self.task_ids.shape)}"
-            )
+        for name in ("task_ids", "spatial_group"):
+            values = getattr(self, name)
+            if values is not None and (values.shape != self.labels.shape or values.dtype != torch.int64):
+                raise ValueError(
+                    f"{name} must be int64 of shape ({self.images.shape[0]},), got "
+                    f"{values.dtype} {tuple(values.shape)}"
+                )
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
     def subset(self, index: torch.Tensor) -> "ImageSet":
-        task_ids = None if self.task_ids is None else self.task_ids[index]
-        return ImageSet(self.images[index], self.labels[index], task_ids)
+        """The images at `index`, with their labels, task ids and spatial groups."""
+        def pick(values):
+            return None if values is None else values[index]
+
+        return ImageSet(self.images[index], self.labels[index], pick(self.task_ids), pick(self.spatial_group))
 
 
 @dataclass(frozen=True)
@@ -97,6 +116,8 @@ class TaskData:
     tasks: list[TaskInfo] | None = None
     # Multi-task data only: the task of each withheld-label image.
     unlabelled_task_ids: torch.Tensor | None = None
+    # The spatial group of each withheld-label image, where the training images have them.
+    unlabelled_spatial_group: torch.Tensor | None = None
 
     @property
     def num_classes(self) -> int:
@@ -143,12 +164,17 @@ class TaskData:
 
         def only(images: ImageSet) -> ImageSet:
             mine = images.task_ids == index
-            return ImageSet(images.images[mine], self.local_labels(images)[mine])
+            groups = images.spatial_group
+            groups = None if groups is None or (groups[mine] == NO_SPATIAL_GROUP).all() else groups[mine]
+            return ImageSet(images.images[mine], self.local_labels(images)[mine], None, groups)
 
-        unlabelled = None
+        unlabelled = unlabelled_groups = None
         if self.unlabelled is not None:
-            unlabelled = self.unlabelled[self.unlabelled_task_ids == index]
-            unlabelled = unlabelled if len(unlabelled) else None
+            mine = self.unlabelled_task_ids == index
+            unlabelled = self.unlabelled[mine] if mine.any() else None
+            if unlabelled is not None and self.unlabelled_spatial_group is not None:
+                groups = self.unlabelled_spatial_group[mine]
+                unlabelled_groups = None if (groups == NO_SPATIAL_GROUP).all() else groups
         provenance = self.provenance.get("tasks", {}).get(name, {})
         return TaskData(name, only(self.train), only(self.test), list(info.class_names),
-                        dict(provenance), unlabelled)
+                        dict(provenance), unlabelled, unlabelled_spatial_group=unlabelled_groups)

@@ -27,6 +27,11 @@ Keys (all optional; a missing key takes its default):
                                        and ct: window:40,400
     allow_unseen_test_classes  false   true keeps test images of classes that the training
                     bool               split lacks (else an error; see validate.py)
+    augment         str|null   null    training-time augmentation: null/none, a preset or a
+                                       spec such as "crop=0.8,hflip,rotate=10,jitter=0.1"
+                                       (augment.py; the data set YAMLs set their own default)
+    augment_views   int        2       fixed views per training image when augmenting, the
+                                       first being the image itself (augment.py)
 
 Config problems raise `ConfigError` (a `UserError`), one line naming the key and the fix.
 """
@@ -38,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError
+from .augment import DEFAULT_VIEWS, AugmentSpec, parse_augment, parse_views
 from .intensity import IntensityRule, parse_intensity
 
 DEFAULTS = {
@@ -51,6 +57,8 @@ DEFAULTS = {
     "seed": 0,
     "intensity": None,
     "allow_unseen_test_classes": False,
+    "augment": None,
+    "augment_views": DEFAULT_VIEWS,
 }
 
 MIN_IMAGE_SIZE = 8
@@ -71,6 +79,8 @@ class DataConfig:
     seed: int
     intensity: IntensityRule | None  # None: the data set's default
     allow_unseen_test_classes: bool
+    augment: AugmentSpec | None = None  # None: no augmentation (training only; see augment.py)
+    augment_views: int = DEFAULT_VIEWS
 
 
 def parse_data_config(cfg, valid_names: list[str]) -> DataConfig:
@@ -139,6 +149,8 @@ def parse_data_config(cfg, valid_names: list[str]) -> DataConfig:
         seed=int(seed),
         intensity=parse_intensity(values["intensity"]),
         allow_unseen_test_classes=values["allow_unseen_test_classes"],
+        augment=parse_augment(values["augment"]),
+        augment_views=parse_views(values["augment_views"]),
     )
 
 

@@ -32,6 +32,20 @@ patch. Halves rather than separate z-ranges because the label IS the z-range: sl
 would leave each class in one split only. (The file stores no patient orientation, so
 "left" means image columns below the midline.)
 
+Validation slabs: each training patch carries spatial_group = its slice // SLAB_SLICES
+(base.py), so a validation split (train.val_split, sampling.py spatial_holdout) can hold out
+whole axial slabs with a guard slab either side that trains nothing. Patches are 2D axial, so
+patches on different slices share no voxel; the guard keeps the slice next to a validation
+slice out of training. SLAB_SLICES = 2 (3 mm): a validation patch is at least 3 slices
+(4.5 mm) from every training patch. Here the classes ARE z-ranges, so slabs cannot mix
+levels freely: every level spans at least 21 slices (10 slabs; vertex patches end near slice
+98, where the head gets too small), so one slab is about a tenth of a level and each level
+gives whole slabs of its own to validation and keeps most of its slices for training (the
+two slabs that straddle a level boundary, slices 20-21 and 68-69, hold two levels). Held-out
+slabs lie inside the level's range, so validation asks for a level at slices training never
+saw, between or beside training slices of the same level: a harder test than neighbours of
+training patches, still easier than the other half of the head (the test split).
+
 Balance: TRAIN_PER_CLASS / TEST_PER_CLASS patch positions per level, sampled without
 replacement from a CANDIDATE_STRIDE grid (no two patches coincide; they overlap, as in any
 patch set from one volume).
@@ -76,6 +90,8 @@ TEST_PER_CLASS = 150
 CANDIDATE_STRIDE = 2
 # Voxel columns on the midline and 1 either side belong to no patch.
 MIDLINE_GAP = 3
+# Axial slices (1.5 mm each) per spatial group: the unit a validation split holds out.
+SLAB_SLICES = 2
 DEFAULT_WINDOW = IntensityRule("window", 40.0, 400.0)
 
 
@@ -166,6 +182,11 @@ def plan_patches(head: np.ndarray, seed: int, per_class: dict[str, int] | None =
     return starts, levels, mid
 
 
+def slab_of(starts: np.ndarray) -> torch.Tensor:
+    """The spatial group (axial slab, see the module docstring) of each patch start."""
+    return torch.from_numpy(starts[:, 0].astype(np.int64) // SLAB_SLICES)
+
+
 def window_fraction(mask: np.ndarray, size: int) -> np.ndarray:
     """Per slice and patch start (row, column): the share of the size x size window inside `mask`.
 
@@ -201,7 +222,8 @@ def build_ct_task(volume: CtVolume, seed: int, image_size: int | None,
     for split in ("train", "test"):
         patches = extract_patches(scaled, starts[split], PATCH_PX, mirror=split == "test")
         images = patches_to_images(patches, image_size)
-        sets[split] = ImageSet(images, torch.from_numpy(levels[split]))
+        slabs = slab_of(starts[split]) if split == "train" else None  # only training is split again
+        sets[split] = ImageSet(images, torch.from_numpy(levels[split]), spatial_group=slabs)
     dz = volume.spacing_mm[2]
     task = TaskData(
         name="ct",
@@ -220,6 +242,8 @@ def build_ct_task(volume: CtVolume, seed: int, image_size: int | None,
                 f">= {HEAD_FRACTION:.0%} inside the head, resized to {image_size}"
             ),
             "label": "anatomical level of the patch's slice",
+            "spatial_group": (f"axial slab of {SLAB_SLICES} slices ({SLAB_SLICES * dz:g} mm): "
+                              f"slice // {SLAB_SLICES}"),
             "levels": {name: {"slices": [first, stop - 1],
                               "mm": [round(first * dz, 1), round((stop - 1) * dz, 1)]}
                        for name, (first, stop) in LEVELS.items()},

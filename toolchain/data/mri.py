@@ -25,6 +25,17 @@ hemispheres, while the deep grey nuclei span only ~30 mm of z, too little for tr
 slabs separated by a gap. Right-hemisphere patches are mirrored left-right, so every patch
 shows its medial side on the right: the test measures anatomy, not mirror invariance.
 
+Validation slabs: each training patch carries spatial_group = its slice // SLAB_MM (base.py),
+so a validation split (train.val_split, sampling.py spatial_holdout) can hold out whole axial
+slabs with a guard slab either side that trains nothing. Patches are 2D axial, so patches on
+different slices share no voxel; the guard is there so that validation never sees the slice
+next to a training slice. SLAB_MM = 4 holds two candidate slices (CANDIDATE_STRIDE 2): a
+validation patch is then at least 6 mm from every training patch (slices 4k, 4k+2 held out,
+4k-4..4k+7 guard, nearest training slices 4k-6 and 4k+8). Narrower would leave neighbouring
+slices 2 mm apart; wider is too coarse for the subcortical group, which spans only ~35 mm of z
+(slices 62-96, 9 slabs): one slab is about a tenth of it, so it keeps training and validation
+patches at the usual train.val_fraction of 0.1-0.2.
+
 Classes are balanced by a per-class cap (TRAIN_PER_CLASS / TEST_PER_CLASS centres sampled
 without replacement from a CANDIDATE_STRIDE grid, so no two centres coincide).
 """
@@ -57,6 +68,8 @@ TEST_PER_CLASS = 150
 CANDIDATE_STRIDE = 2
 # Voxel columns on the midline plane and 1 mm either side belong to no patch.
 MIDLINE_GAP = 3
+# Axial slices (1 mm each) per spatial group: the unit a validation split holds out.
+SLAB_MM = 4
 
 
 def aal_group(region: str) -> int:
@@ -83,6 +96,11 @@ def midline_index(volume: MriVolume) -> int:
 def footprint_start(centres: np.ndarray, patch_mm: int = PATCH_MM) -> np.ndarray:
     """First voxel (x, y) of each axial patch; the patch covers start .. start + patch_mm - 1."""
     return centres[:, :2] - patch_mm // 2
+
+
+def slab_of(centres: np.ndarray) -> torch.Tensor:
+    """The spatial group (axial slab, see the module docstring) of each patch centre."""
+    return torch.from_numpy(centres[:, 2].astype(np.int64) // SLAB_MM)
 
 
 def plan_centres(volume: MriVolume, seed: int, patch_mm: int = PATCH_MM,
@@ -142,7 +160,8 @@ def build_mri_task(volume: MriVolume, seed: int, image_size: int | None,
         patches = extract_patches(volume.t1, centres[split], patch_mm, mirror=split == "test")
         images = patches_to_images(patches, image_size)
         labels = torch.from_numpy(groups[tuple(centres[split].T)].astype(np.int64) - 1)
-        sets[split] = ImageSet(images, labels)
+        slabs = slab_of(centres[split]) if split == "train" else None  # only training is split again
+        sets[split] = ImageSet(images, labels, spatial_group=slabs)
     task = TaskData(
         name="mri",
         train=sets["train"],
@@ -157,6 +176,7 @@ def build_mri_task(volume: MriVolume, seed: int, image_size: int | None,
             ),
             "patch": f"axial {patch_mm} x {patch_mm} mm of the Colin27 T1, resized to {image_size}",
             "label": "AAL lobar group of the centre voxel",
+            "spatial_group": f"axial slab of {SLAB_MM} slices ({SLAB_MM} mm): slice // {SLAB_MM}",
             "groups": {name: list(prefixes) for name, prefixes in GROUP_PREFIXES.items()},
             "intensity": volume.intensity,
         },

