@@ -39,6 +39,7 @@ import torch
 
 from medkd.recipes import RECIPES as RECIPE_CLASSES
 from medkd.recipes import UNLABELLED, build_recipe
+from medkd.toolchain.atomic import atomic_write_text
 from medkd.toolchain.config import load_config
 from medkd.toolchain.data import ImageSet, load_task
 from medkd.toolchain.data.augment import ViewTable, augmentation, draw_view_table, image_specs
@@ -278,7 +279,7 @@ def print_table(summary: list[dict]) -> None:
 
 def write_results(args, rows: list[dict], augment: dict, complete: bool) -> None:
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps({
+    atomic_write_text(args.output, json.dumps({
         "benchmark": "distill",
         "claim": "RD beats PEFT (lora), KD and scratch, most in the data-scarce setting",
         "command": "python bench/distill.py " + " ".join(sys.argv[1:]),

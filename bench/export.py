@@ -63,6 +63,7 @@ import torch
 
 from omegaconf import OmegaConf
 
+from medkd.toolchain.atomic import atomic_write_text
 from medkd.export.evaluate import accuracy, compare, onnx_logits
 from medkd.export.fold_stage import fold_for_export
 from medkd.export.guard import GuardThresholds, run_guard
@@ -696,7 +697,7 @@ def write_results(args, meta: dict, results: list[dict], goals: list[dict], comp
             return str(obj)
         return obj
 
-    args.output.write_text(json.dumps(jsonable({
+    atomic_write_text(args.output, json.dumps(jsonable({
         "benchmark": "export",
         "complete": complete,
         "students": [r["student"] for r in results],
@@ -849,7 +850,7 @@ def main(argv=None) -> int:
         print_table(results, earlier.get("threads", threads))
         print_guard(results)
         print_goals(earlier["goals"])
-        args.output.write_text(json.dumps(earlier, indent=2))
+        atomic_write_text(args.output, json.dumps(earlier, indent=2))
         print(f"\nrecomputed the goals in {args.output}")
         return 0
     peer_missing = None if args.peer else "skipped (--no-peer)"

@@ -411,8 +411,10 @@ def write_results(out: Path, device_name: str, lowrank, cka, args):
         "cka_goal_met_all": all(r["goal_met"] for r in cka),
         "all_correct": all(r["correct"] for r in lowrank + cka),
     }
+    from medkd.toolchain.atomic import atomic_write_text
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
+    atomic_write_text(out, json.dumps({
         "device": device_name,
         "versions": versions(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

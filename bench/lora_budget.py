@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from medkd.toolchain.atomic import atomic_write_text
 from medkd.export.evaluate import accuracy, compare, onnx_logits
 from medkd.export.profile import profile_onnx_matrix
 from medkd.export.quantize import quantize
@@ -203,7 +204,7 @@ def main(argv=None) -> int:
         "latency_fp32_p50_alternating_rounds": rows,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+    atomic_write_text(args.output, json.dumps(result, indent=1, sort_keys=True) + "\n")
 
     print(f"recipe=lora on {args.data}: {n_train} train / {n_test} test images, teacher {size} px, "
           f"{args.epochs} epoch(s) run; 1-min load {result['load_average_1min_before_after']}")

@@ -20,7 +20,10 @@ On `data=multitask` (mri, ct, fashion-mnist by default) every (label fraction, s
 With a fraction f < 1 the same stratified labelled images are kept in every method; the
 distillation methods (lorkd, shared, kd) also see the rest of the training images without
 labels (the transfer set, as bench/distill.py and medkd-build do), scratch only the labelled
-ones, with min(1/f, 3) times the epochs (bench/distill.py's rule).
+ones, with min(1/f, 3) times the epochs (bench/distill.py's rule). Every method trains on the
+same fixed augmented views of each image (data=multitask's per-task data.augment; --no-augment
+turns it off) with the teacher's features of each view, extracted by teacher.backend, as in
+medkd-build.
 
 Also reported: the frozen foundation model's own per-task linear probe (kd's
 fit_linear_probe on the task's labelled training features, scored on its test features),
@@ -56,9 +59,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/distill.py, al
 
 from distill import bench_config, run_one, scarce_training_set  # noqa: E402
 
+from medkd.toolchain.data.augment import ViewTable, augmentation, training_views  # noqa: E402
+from medkd.toolchain.features import view_teacher_features  # noqa: E402
+from medkd.toolchain.models.teacher_runtime import runtime_extractor  # noqa: E402
+
 from medkd.recipes import RECIPES as RECIPE_CLASSES  # noqa: E402
 from medkd.recipes import UNLABELLED, build_recipe  # noqa: E402
 from medkd.recipes.kd import fit_linear_probe  # noqa: E402
+from medkd.toolchain.atomic import atomic_write_text  # noqa: E402
 from medkd.toolchain.config import load_config  # noqa: E402
 from medkd.toolchain.data import ImageSet, load_task  # noqa: E402
 from medkd.toolchain.data.sampling import stratified_fraction  # noqa: E402
@@ -83,6 +91,8 @@ def parse_args(argv=None):
                         "(default: data=multitask's max_train)")
     parser.add_argument("--max-test", type=int, default=None, help="cap on each task's test split")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--no-augment", dest="augment", action="store_false",
+                        help="train on the images as they are (default: data=multitask's per-task data.augment)")
     parser.add_argument("--teacher", default="litemedsam")
     parser.add_argument("--student", default="mobilenetv3")
     parser.add_argument("--output", type=Path, default=RESULTS)
@@ -107,6 +117,13 @@ def task_slice(task, images: ImageSet, t: int) -> tuple[ImageSet, torch.Tensor]:
     kept) and their positions in `images`. At fraction 1 this is task_view(name).train."""
     mine = torch.nonzero(images.task_ids == t).flatten()
     return ImageSet(images.images[mine], task.local_labels(images)[mine]), mine
+
+
+def subset(train_feats: torch.Tensor, views: ViewTable | None, index: torch.Tensor):
+    """Features and views of the images at `index` (features are K x N x D with views)."""
+    if views is None:
+        return train_feats[index], None
+    return train_feats[:, index], ViewTable(views.params[:, index])
 
 
 def epochs_for(base_epochs: int, full_size: int, train: ImageSet) -> int:
@@ -135,18 +152,20 @@ def freeze_experts(recipe) -> int:
     return frozen
 
 
-def run_multitask(cfg, method: str, task, train: ImageSet, train_feats, seed: int, epochs: int) -> dict:
-    """Train lorkd (or the shared baseline) once on all tasks; score each task's fused model."""
+def run_multitask(cfg, method: str, task, train: ImageSet, train_feats, seed: int, epochs: int,
+                  views: ViewTable | None = None) -> dict:
+    """Train lorkd (or the shared baseline) once on all tasks; score each task's fused model.
+    train_feats: K x N x D with `views` (the augmented views of `train`), else N x D."""
     torch.manual_seed(seed)
     recipe_cfg = load_config(["recipe=lorkd"]).recipe
     student = build_student(cfg.student, task.num_classes, task.in_chans, task.image_size)
-    recipe = build_recipe(recipe_cfg, student, train_feats.shape[1], tasks=task.tasks)
+    recipe = build_recipe(recipe_cfg, student, train_feats.shape[-1], tasks=task.tasks)
     if method == "shared":
         freeze_experts(recipe)
     settings = TrainSettings(epochs, cfg.train.batch_size, cfg.train.lr, cfg.train.weight_decay, seed, False)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as run_dir:
-        fit(recipe, train, None, settings, Path(run_dir), "bench", train_feats, log=lambda line: None)
+        fit(recipe, train, None, settings, Path(run_dir), "bench", train_feats, log=lambda line: None, augment=views)
     seconds = time.perf_counter() - started
     counts = recipe.student.parameter_counts()
     stored = counts["stored"] - (counts["experts"] if method == "shared" else 0)
@@ -160,15 +179,18 @@ def run_multitask(cfg, method: str, task, train: ImageSet, train_feats, seed: in
 
 
 def run_per_task(cfg, method: str, task, train: ImageSet, train_feats, test_feats, full_sizes: dict,
-                 seed: int, base_epochs: int) -> dict:
-    """One `method` student per task, each trained on its task alone (bench/distill.run_one)."""
+                 seed: int, base_epochs: int, views: ViewTable | None = None) -> dict:
+    """One `method` student per task, each trained on its task alone (bench/distill.run_one),
+    on the same augmented views as the multi-task students."""
     per_task, epochs, sizes, seconds = {}, {}, {}, 0.0
     for t, info in enumerate(task.tasks):
         view = task.task_view(info.name)
         own_train, mine = task_slice(task, train, t)
         own_test_feats = test_feats[task.test.task_ids == t]
         epochs[info.name] = epochs_for(base_epochs, full_sizes[info.name], own_train)
-        row = run_one(cfg, method, view, own_train, train_feats[mine], own_test_feats, seed, epochs[info.name])
+        own_feats, own_views = subset(train_feats, views, mine)
+        row = run_one(cfg, method, view, own_train, own_feats, own_test_feats, seed, epochs[info.name],
+                      views=own_views)
         per_task[info.name] = row["test_accuracy"]
         seconds += row["train_seconds"]
         sizes[info.name] = parameter_count(build_student(cfg.student, info.num_classes, task.in_chans,
@@ -257,8 +279,11 @@ def protocol_gaps(rows: list[dict], settings: dict, cfg_epochs: int) -> list[str
 
 def run_settings(args) -> dict:
     """What must match for results to be pooled (--resume)."""
+    cfg = bench_config(args, "multitask")
     return {"teacher": args.teacher, "student": args.student, "epochs": args.epochs,
-            "max_train": args.max_train, "max_test": args.max_test}
+            "max_train": args.max_train, "max_test": args.max_test,
+            "augment": augmentation(cfg.data).describe(),
+            "teacher_backend": f"{cfg.teacher.backend} {cfg.teacher.precision}"}
 
 
 def load_previous(args) -> dict | None:
@@ -294,7 +319,7 @@ def write_results(args, cfg, task, rows, probes, invocations, finished: bool) ->
     probe_rows = [{"fraction": p["fraction"], "method": "teacher probe", "per_task": p["per_task"],
                    "train_seconds": None} for p in probes]
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps({
+    atomic_write_text(args.output, json.dumps({
         "benchmark": "lorkd",
         "claim": "LoRKD experts beat the shared model and approach or beat per-task models at a fraction "
                  "of their total size (and surpass the foundation model's own probe)",
@@ -331,8 +356,19 @@ def main(argv=None) -> int:
     names = [t.name for t in task.tasks]
     teacher = build_teacher(cfg.teacher)
     cache = Path(cfg.cache_dir)
-    train_feats = teacher_features(teacher, task.train.images, cache, cfg.train.teacher_batch_size, "teacher (train)")
-    test_feats = teacher_features(teacher, task.test.images, cache, cfg.train.teacher_batch_size, "teacher (test)")
+    # As medkd-build: the teacher run by teacher.backend, each training image's fixed augmented
+    # views (drawn once over the whole training set; subsets index them) with their features.
+    extractor = runtime_extractor(teacher, cfg.teacher.backend, cfg.teacher.precision, cache,
+                                  calibration_images=task.train.images)
+    views = training_views(augmentation(cfg.data), task.train, task, int(cfg.data.seed))
+
+    def extract(images, desc):
+        return teacher_features(extractor, images, cache, cfg.train.teacher_batch_size, f"teacher ({desc})")
+
+    train_feats = (extract(task.train.images, "train") if views is None
+                   else view_teacher_features(extract, task.train.images, views, "train"))
+    test_feats = extract(task.test.images, "test")
+    plain_train_feats = train_feats if views is None else train_feats[0]  # view 0: the images themselves
     full_sizes = {t.name: int((task.train.task_ids == i).sum()) for i, t in enumerate(task.tasks)}
     rows, probes = previous.get("runs", []), previous.get("teacher_probe_runs", [])
     done = {(r["fraction"], r["seed"], r["method"]) for r in rows}
@@ -340,7 +376,7 @@ def main(argv=None) -> int:
         for seed in args.seeds:
             if not any(p["fraction"] == fraction and p["seed"] == seed for p in probes):
                 distil_train, index = scarce_multitask_set(task, fraction, seed, "kd")
-                probe = teacher_probe_accuracy(task, distil_train, train_feats[index], test_feats, seed)
+                probe = teacher_probe_accuracy(task, distil_train, plain_train_feats[index], test_feats, seed)
                 probes.append({"fraction": fraction, "seed": seed, "per_task": probe})
                 print(f"{fraction:.0%} seed {seed} teacher probe "
                       + " ".join(f"{n} {a:.4f}" for n, a in probe.items()), flush=True)
@@ -351,12 +387,13 @@ def main(argv=None) -> int:
                 train, index = scarce_multitask_set(task, fraction, seed, recipe_name)
                 row = {"fraction": fraction, "seed": seed, "method": method,
                        "labelled": int((train.labels != UNLABELLED).sum()), "train_size": len(train)}
+                feats, train_views = subset(train_feats, views, index)
                 if method in PER_TASK:
-                    row.update(run_per_task(cfg, method, task, train, train_feats[index], test_feats, full_sizes,
-                                            seed, cfg.train.epochs))
+                    row.update(run_per_task(cfg, method, task, train, feats, test_feats, full_sizes,
+                                            seed, cfg.train.epochs, train_views))
                 else:
                     epochs = epochs_for(cfg.train.epochs, len(task.train), train)
-                    row.update(run_multitask(cfg, method, task, train, train_feats[index], seed, epochs))
+                    row.update(run_multitask(cfg, method, task, train, feats, seed, epochs, train_views))
                 row["load_average_1min"] = os.getloadavg()[0]
                 rows.append(with_mean(row))
                 write_results(args, cfg, task, rows, probes, invocations, finished=False)

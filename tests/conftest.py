@@ -1,7 +1,12 @@
 """Fixtures shared by several test files."""
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
 @pytest.fixture(scope="module")
@@ -11,3 +16,14 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="session")
+def load_bench():
+    """`load_bench("lorkd")` imports bench/lorkd.py by path (bench/ is scripts, not a package)."""
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    return load

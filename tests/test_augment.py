@@ -95,9 +95,10 @@ def test_data_config_checks_augment_and_views():
 def test_dataset_defaults_flip_only_where_the_yaml_says_the_anatomy_allows():
     specs = {name: augmentation(load_config([f"data={name}"] + (["data.path=x"] if name in ("npz", "folder") else []))
                                 .data).specs[None] for name in ("mri", "ct", "fashion-mnist", "npz", "folder")}
-    assert specs["mri"].hflip == specs["ct"].hflip == specs["fashion-mnist"].hflip == 0.5
+    assert specs["ct"].hflip == specs["fashion-mnist"].hflip == 0.5
     assert all(spec.vflip == 0 for spec in specs.values() if spec)
-    assert specs["npz"] is None and specs["folder"] is None
+    # mri: off (measured: no gain on the validation split); npz/folder: off (anatomy unknown)
+    assert specs["mri"] is None and specs["npz"] is None and specs["folder"] is None
 
 
 def test_multitask_augments_each_task_by_its_own_spec():
@@ -354,15 +355,10 @@ def test_build_with_augment_trains_on_teacher_features_of_every_view(tmp_path, c
 # --------------------------------------------------------------------------- bench/augment.py
 
 
-def test_bench_extrapolates_the_extra_teacher_time_of_the_default_build():
-    import importlib.util
-    from pathlib import Path
+def test_bench_extrapolates_the_extra_teacher_time_of_the_default_build(load_bench):
     from types import SimpleNamespace
 
-    path = Path(__file__).resolve().parents[1] / "bench" / "augment.py"
-    spec = importlib.util.spec_from_file_location("bench_augment", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("augment")
     cfg = SimpleNamespace(train=SimpleNamespace(epochs=2, batch_size=128))
     task = SimpleNamespace(train=list(range(300)))  # 3 steps per epoch
     build = bench.default_build(cfg, task, SimpleNamespace(views=4), {"train_step_s": 0.9, "render_batch_s": 0.1},

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -12,15 +11,11 @@ from torch import nn
 
 from medkd.export.onnx_export import export_onnx
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "export.py"
 
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_export", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def bench(load_bench):
+    return load_bench("export")
 
 
 @pytest.fixture(scope="module")

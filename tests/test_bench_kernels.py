@@ -3,22 +3,16 @@ interpreter smoke run (the timed GPU run needs a CUDA device)."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 
 from medkd.toolchain.config import load_config
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "kernels.py"
 
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_kernels", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def bench(load_bench):
+    return load_bench("kernels")
 
 
 def test_lorkd_shapes_cover_every_pointwise_and_linear_expert(bench):

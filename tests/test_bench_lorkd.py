@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import tempfile
 from pathlib import Path
@@ -14,7 +13,6 @@ from medkd.recipes import UNLABELLED
 from medkd.toolchain.config import load_config
 from medkd.toolchain.data.base import ImageSet, TaskData, TaskInfo
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "lorkd.py"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -27,11 +25,8 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_lorkd", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def bench(load_bench):
+    return load_bench("lorkd")
 
 
 def _split(per_task: list[int], classes: list[int], offsets: list[int], size: int, gen) -> ImageSet:
@@ -182,3 +177,24 @@ def test_resume_refuses_results_measured_otherwise(bench, tmp_path):
     with pytest.raises(SystemExit, match="measured with"):
         bench.load_previous(other)
     assert bench.load_previous(bench.parse_args(["--output", str(out)])) is None  # no --resume: start afresh
+
+
+def test_augmented_views_and_their_features_follow_every_subset(bench, task, cfg):
+    """With augmentation each image keeps its own K views and their teacher features, in the
+    multi-task students and in every per-task student."""
+    from medkd.toolchain.data.augment import draw_view_table, parse_augment
+
+    views = draw_view_table([parse_augment("hflip,rotate=10")] * len(task.train), 2, seed=0)
+    feats = torch.randn(2, len(task.train), 8)
+    index = torch.tensor([3, 25, 7])
+    sub_feats, sub_views = bench.subset(feats, views, index)
+    assert torch.equal(sub_feats, feats[:, index]) and torch.equal(sub_views.params, views.params[:, index])
+    assert bench.subset(feats[0], None, index)[1] is None
+    lorkd = bench.run_multitask(cfg, "lorkd", task, task.train, feats, seed=0, epochs=1, views=views)
+    assert set(lorkd["per_task"]) == {"a", "b"}
+    row = bench.run_per_task(cfg, "kd", task, task.train, feats, torch.randn(len(task.test), 8),
+                             {"a": 20, "b": 30}, seed=0, base_epochs=1, views=views)
+    assert set(row["per_task"]) == {"a", "b"}
+    with pytest.raises(ValueError, match="views of 3 images"):  # views of other images: refused, not mixed up
+        bench.run_multitask(cfg, "lorkd", task, task.train, feats, seed=0, epochs=1,
+                            views=bench.subset(feats, views, index)[1])

@@ -358,7 +358,7 @@ def test_lorkd_build_exports_one_fused_model_per_task_and_reexports_one(tmp_path
     from test_pipeline import SMALL
 
     run_dir = tmp_path / "run"
-    overrides = [o for o in SMALL if not o.startswith(("export.precision", "export.calibration"))]
+    overrides = [o for o in SMALL if not o.startswith(("export.precision", "export.calibration", "data.augment"))]
     report = run(load_config([*overrides, "recipe=lorkd", "data=multitask", "student=mobilenetv3",
                               "data.max_train=60", "data.max_test=30", "export.calibration.images=16",
                               "export.validation_images=16", f"run_dir={run_dir}",

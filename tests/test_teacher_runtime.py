@@ -257,15 +257,8 @@ def test_default_config_runs_the_teacher_through_onnxruntime_fp32():
 
 
 @pytest.fixture(scope="module")
-def bench():
-    import importlib.util
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[1] / "bench" / "teacher.py"
-    spec = importlib.util.spec_from_file_location("bench_teacher", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def bench(load_bench):
+    return load_bench("teacher")
 
 
 def test_bench_fidelity_measures_against_the_reference(bench):
