@@ -19,9 +19,13 @@ choose anything.
     python bench/distill.py --ablation --datasets mri ct
     python bench/distill.py --seeds 0 --epochs 2 --max-train 256   # quick look
 
+    python bench/distill.py --resume --datasets ct   # add ct's runs to the results already there
+
 Prints a table (mean ± std of test accuracy over seeds) and writes bench/results/distill.json
-(partial results after every run, "complete": false until the last). Reports what it
-measures, whichever way it comes out.
+after every run (partial results survive a kill; --resume adds the missing runs to it).
+`complete` says whether the runs cover the full protocol (the main arms on mri, ct and
+fashion-mnist, 100% and 10% labels, seeds 0-2, the litemedsam teacher, default settings);
+`left_out` lists what they do not. Reports what it measures, whichever way it comes out.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from medkd.recipes import RECIPES as RECIPE_CLASSES
 from medkd.recipes import UNLABELLED, build_recipe
 from medkd.toolchain.atomic import atomic_write_text
 from medkd.toolchain.config import load_config
+from medkd.toolchain.errors import UserError
 from medkd.toolchain.data import ImageSet, load_task
 from medkd.toolchain.data.augment import ViewTable, augmentation, draw_view_table, image_specs
 from medkd.toolchain.data.sampling import stratified_fraction
@@ -98,6 +103,9 @@ def parse_args(argv=None):
     parser.add_argument("--override", action="append", default=[],
                         help="extra config override for every run, e.g. teacher.backend=onnxruntime")
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the runs already in --output (same settings) and add only the missing ones; "
+                             "lets the protocol be measured over several sessions")
     args = parser.parse_args(argv)
     if args.ablation:
         args.arms = list(dict.fromkeys(args.arms + list(ABLATIONS)))
@@ -277,17 +285,65 @@ def print_table(summary: list[dict]) -> None:
         print(line + "   " + rd_verdict(cells))
 
 
-def write_results(args, rows: list[dict], augment: dict, complete: bool) -> None:
+# The full protocol: every main arm on every data set, both label fractions, 3 seeds, with the
+# default teacher at the config's epochs and without caps (ablation and other teachers are extra).
+FULL_DATASETS, FULL_FRACTIONS, FULL_SEEDS, FULL_TEACHER = ("mri", "ct", "fashion-mnist"), (1.0, 0.1), (0, 1, 2), "litemedsam"
+
+
+def run_settings(args) -> dict:
+    """What must match for runs to be pooled in one results file (--resume)."""
+    return {"student": args.student, "epochs": args.epochs, "scarce_epoch_factor": args.scarce_epoch_factor,
+            "transfer": args.transfer, "augment": args.augment, "max_train": args.max_train,
+            "max_test": args.max_test, "overrides": list(args.override)}
+
+
+def protocol_gaps(rows: list[dict], settings: dict) -> list[str]:
+    """What the runs leave out of the full protocol (empty: complete)."""
+    done = {(r["teacher"], r["dataset"], r["fraction"], r["seed"], r["arm"]) for r in rows}
+    gaps = []
+    for dataset in FULL_DATASETS:
+        for fraction in FULL_FRACTIONS:
+            missing = [f"{arm} seed {seed}" for seed in FULL_SEEDS for arm in ARMS
+                       if (FULL_TEACHER, dataset, fraction, seed, arm) not in done]
+            if len(missing) == len(FULL_SEEDS) * len(ARMS):
+                gaps.append(f"{dataset} {fraction:.0%} labels: not run")
+            elif missing:
+                gaps.append(f"{dataset} {fraction:.0%} labels: {', '.join(missing)} not run")
+    protocol = run_settings(parse_args([]))
+    changed = {k: v for k, v in settings.items() if protocol[k] != v}
+    if changed:
+        gaps.append(f"settings other than the protocol's: {changed}")
+    return gaps
+
+
+def load_previous(args) -> dict:
+    """With --resume, the earlier results in --output ({} without it or without a file);
+    a one-line error if they were measured with other settings."""
+    if not args.resume or not args.output.is_file():
+        return {}
+    previous = json.loads(args.output.read_text())
+    if previous.get("settings") != run_settings(args):
+        raise UserError(f"--resume: {args.output} was measured with {previous.get('settings')}, this run "
+                        f"uses {run_settings(args)}; use another --output")
+    return previous
+
+
+def write_results(args, rows: list[dict], augment: dict, commands: list[str], finished: bool) -> None:
+    gaps = protocol_gaps(rows, run_settings(args))
+    if not finished:
+        gaps.append("run stopped before the end (partial results)")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.output, json.dumps({
         "benchmark": "distill",
         "claim": "RD beats PEFT (lora), KD and scratch, most in the data-scarce setting",
-        "command": "python bench/distill.py " + " ".join(sys.argv[1:]),
-        "complete": complete,
+        "command": " && ".join(commands),
+        "complete": not gaps,
+        "left_out": gaps,
         "device": f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "torch": torch.__version__,
-        "teachers": args.teachers, "student": args.student, "arms": args.arms,
-        "arm_overrides": {a: ALL_ARMS[a][1] for a in args.arms},
+        "settings": run_settings(args),
+        "teachers": sorted({r["teacher"] for r in rows}), "student": args.student,
+        "arm_overrides": {a: ALL_ARMS[a][1] for a in ALL_ARMS if any(r["arm"] == a for r in rows)},
         "epochs_full_labels": args.epochs or int(load_config([]).train.epochs),
         "scarce_epoch_factor": args.scarce_epoch_factor,
         "unlabelled_transfer_set": args.transfer,
@@ -299,29 +355,40 @@ def write_results(args, rows: list[dict], augment: dict, complete: bool) -> None
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    rows, augment = [], {}
+    previous = load_previous(args)
+    rows, augment = previous.get("runs", []), previous.get("augmentation", {})
+    commands = [c for c in previous.get("command", "").split(" && ") if c]
+    commands.append("python bench/distill.py " + " ".join(sys.argv[1:] if argv is None else argv))
+    done = {(r["teacher"], r["dataset"], r["fraction"], r["seed"], r["arm"]) for r in rows}
     for teacher in args.teachers:
         for dataset in args.datasets:
             data = DatasetContext(bench_config(args, dataset, teacher))
             augment[dataset] = data.augment
-            measured_cost = set()
+            measured_cost = {r["arm"] for r in rows if (r["teacher"], r["dataset"]) == (teacher, dataset)
+                             and "cpu_latency_ms_batch1" in r}
             for fraction in args.fractions:
                 for seed in args.seeds:
                     labelled_index = torch.as_tensor(stratified_fraction(data.task.train.labels.numpy(), fraction, seed))
                     for arm in args.arms:
+                        if (teacher, dataset, fraction, seed, arm) in done:
+                            continue
                         row = {"teacher": teacher, "dataset": dataset, "fraction": fraction, "seed": seed, "arm": arm}
                         row.update(run_arm(args, data, dataset, teacher, arm, labelled_index, seed, arm not in measured_cost))
                         measured_cost.add(arm)
                         rows.append(row)
-                        write_results(args, rows, augment, complete=False)  # partial results survive a kill
+                        write_results(args, rows, augment, commands, finished=False)  # partial results survive a kill
                         print(f"{teacher} {dataset} {fraction:.0%} seed {seed} {arm:<18} "
                               f"acc {row['test_accuracy']:.4f}  ({row['train_seconds']} s, n={row['train_size']})",
                               flush=True)
     print_table(summarise(rows))
-    write_results(args, rows, augment, complete=True)
+    write_results(args, rows, augment, commands, finished=True)
     print(f"\nwrote {args.output}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,52 @@
+"""bench/distill.py's bookkeeping: what the full protocol is, what is left out, --resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def bench(load_bench):
+    return load_bench("distill")
+
+
+def _rows(bench, datasets, fractions=(1.0, 0.1), seeds=(0, 1, 2), arms=None, teacher="litemedsam"):
+    return [{"teacher": teacher, "dataset": d, "fraction": f, "seed": s, "arm": a, "test_accuracy": 0.5}
+            for d in datasets for f in fractions for s in seeds for a in (arms or bench.ARMS)]
+
+
+def test_the_full_protocol_is_every_main_arm_data_set_fraction_and_seed(bench):
+    settings = bench.run_settings(bench.parse_args([]))
+    assert bench.protocol_gaps(_rows(bench, ["mri", "ct", "fashion-mnist"]), settings) == []
+    gaps = bench.protocol_gaps(_rows(bench, ["ct"]), settings)
+    assert gaps == ["mri 100% labels: not run", "mri 10% labels: not run",
+                    "fashion-mnist 100% labels: not run", "fashion-mnist 10% labels: not run"]
+    partial = _rows(bench, ["mri", "ct", "fashion-mnist"])
+    partial = [r for r in partial if not (r["dataset"] == "ct" and r["arm"] == "lora" and r["seed"] == 2)]
+    assert bench.protocol_gaps(partial, settings) == ["ct 100% labels: lora seed 2 not run",
+                                                      "ct 10% labels: lora seed 2 not run"]
+
+
+def test_other_teachers_and_settings_do_not_count_as_the_protocol(bench):
+    rows = _rows(bench, ["mri", "ct", "fashion-mnist"], teacher="efficientnet-lite0")
+    assert len(bench.protocol_gaps(rows, bench.run_settings(bench.parse_args([])))) == 6
+    capped = bench.run_settings(bench.parse_args(["--max-train", "2000", "--no-augment"]))
+    gaps = bench.protocol_gaps(_rows(bench, ["mri", "ct", "fashion-mnist"]), capped)
+    assert gaps == ["settings other than the protocol's: {'augment': False, 'max_train': 2000}"]
+
+
+def test_resume_pools_only_runs_measured_the_same_way(bench, tmp_path):
+    out = tmp_path / "distill.json"
+    args = bench.parse_args(["--resume", "--output", str(out), "--datasets", "ct"])
+    assert bench.load_previous(args) == {}  # nothing there yet: start afresh
+    bench.write_results(args, _rows(bench, ["ct"], seeds=(0,)), {"ct": "x"}, ["python bench/distill.py"], True)
+    previous = bench.load_previous(args)
+    assert len(previous["runs"]) == 2 * len(bench.ARMS) and previous["complete"] is False
+    assert "run stopped" not in " ".join(previous["left_out"])
+    other = bench.parse_args(["--resume", "--output", str(out), "--max-train", "100"])
+    with pytest.raises(bench.UserError, match="was measured with"):
+        bench.load_previous(other)
+    assert bench.load_previous(bench.parse_args(["--output", str(out)])) == {}  # no --resume: afresh
+    json.loads(out.read_text())  # a whole file, written atomically
