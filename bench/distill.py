@@ -13,7 +13,9 @@ head), rd-paper (RD with every switch off: the loss before the issue's changes) 
 configured defaults, chosen on a validation split by bench/rd_defaults.py). --ablation adds
 rd without each of its parts: co-training (teacher-branch CE), the shared head, CKA, the
 logit term. The test split is evaluated once per run, after training, and never used to
-choose anything.
+choose anything. An arm whose resolved recipe config equals one already run on the same
+labels and seed (rd-paper and rd while every measured default is the paper's value) is not
+trained again: its row copies that run's and names it in `same_run_as`.
 
     python bench/distill.py                      # main arms, mri + ct + fashion-mnist, 3 seeds
     python bench/distill.py --ablation --datasets mri ct
@@ -40,6 +42,7 @@ import time
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 from medkd.recipes import RECIPES as RECIPE_CLASSES
 from medkd.recipes import UNLABELLED, build_recipe
@@ -249,6 +252,13 @@ def run_arm(args, data: DatasetContext, dataset: str, teacher: str, arm: str, la
                    teacher=data.teacher, views=views, measure_cost=measure_cost)
 
 
+def recipe_identity(args, dataset: str, teacher: str, arm: str) -> dict:
+    """The arm's resolved recipe config: two arms with equal identities are the same run
+    (rd-paper and rd, while every switch's measured default is the paper's value). A dict,
+    compared by value, so that an override's 0 equals the config file's 0.0."""
+    return OmegaConf.to_container(bench_config(args, dataset, teacher, arm).recipe, resolve=True)
+
+
 def summarise(rows: list[dict]) -> list[dict]:
     groups: dict[tuple, list[float]] = {}
     for row in rows:
@@ -353,6 +363,24 @@ def write_results(args, rows: list[dict], augment: dict, commands: list[str], fi
     }, indent=2) + "\n")
 
 
+def same_run(args, rows: list[dict], row: dict) -> dict | None:
+    """A run already in `rows` that trained the same recipe config on the same (teacher, data
+    set, labels, seed) as `row` would, or None."""
+    identities = vars(args).setdefault("_recipe_identities", {})  # composing a config costs ~0.1 s
+
+    def identity(r):
+        key = (r["dataset"], r["teacher"], r["arm"])
+        if key not in identities:
+            identities[key] = recipe_identity(args, *key)
+        return identities[key]
+
+    for other in rows:
+        if (all(other[k] == row[k] for k in ("teacher", "dataset", "fraction", "seed")) and "same_run_as" not in other
+                and identity(other) == identity(row)):
+            return other
+    return None
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     previous = load_previous(args)
@@ -373,8 +401,13 @@ def main(argv=None) -> int:
                         if (teacher, dataset, fraction, seed, arm) in done:
                             continue
                         row = {"teacher": teacher, "dataset": dataset, "fraction": fraction, "seed": seed, "arm": arm}
-                        row.update(run_arm(args, data, dataset, teacher, arm, labelled_index, seed, arm not in measured_cost))
-                        measured_cost.add(arm)
+                        twin = same_run(args, rows, row)
+                        if twin is not None:  # an identical config already ran: record it, don't train it again
+                            row.update({k: v for k, v in twin.items() if k not in row}, same_run_as=twin["arm"])
+                        else:
+                            row.update(run_arm(args, data, dataset, teacher, arm, labelled_index, seed,
+                                               arm not in measured_cost))
+                            measured_cost.add(arm)
                         rows.append(row)
                         write_results(args, rows, augment, commands, finished=False)  # partial results survive a kill
                         print(f"{teacher} {dataset} {fraction:.0%} seed {seed} {arm:<18} "

@@ -50,3 +50,17 @@ def test_resume_pools_only_runs_measured_the_same_way(bench, tmp_path):
         bench.load_previous(other)
     assert bench.load_previous(bench.parse_args(["--output", str(out)])) == {}  # no --resume: afresh
     json.loads(out.read_text())  # a whole file, written atomically
+
+
+def test_an_arm_with_the_config_of_a_run_already_made_is_recorded_not_retrained(bench):
+    args = bench.parse_args([])
+    row = {"teacher": "litemedsam", "dataset": "ct", "fraction": 0.1, "seed": 1}
+    rd = {**row, "arm": "rd", "test_accuracy": 0.61}
+    rows = [rd, {**row, "arm": "kd", "test_accuracy": 0.7}, {**row, "seed": 2, "arm": "rd", "test_accuracy": 0.5}]
+    paper_matches_defaults = (bench.recipe_identity(args, "ct", "litemedsam", "rd-paper")
+                              == bench.recipe_identity(args, "ct", "litemedsam", "rd"))
+    assert (bench.same_run(args, rows, {**row, "arm": "rd-paper"}) is rd) == paper_matches_defaults
+    # Turning a part off changes the config: that arm must train.
+    assert bench.same_run(args, rows, {**row, "arm": "rd-no-cka"}) is None
+    assert bench.same_run(args, rows, {**row, "fraction": 1.0, "arm": "rd-paper"}) is None  # other labels
+    assert bench.same_run(args, rows, {**row, "arm": "scratch"}) is None  # another recipe
