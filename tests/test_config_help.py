@@ -26,7 +26,7 @@ def listed_keys(text: str) -> dict[str, str]:
 
 def composed_leaf_keys(group: str, option: str) -> set[str]:
     overrides = [f"{group}={option}"]
-    if group == "data" and option in ("folder", "npz"):
+    if group == "data" and option in ("folder", "npz", "seg-folder", "seg-npz"):
         overrides.append("data.path=x")  # required value; not part of what is checked
     if group == "teacher" and option == "timm":
         overrides += ["teacher.arch=x", "teacher.checkpoint=x"]
@@ -71,7 +71,7 @@ def test_every_listed_default_is_accepted_back(help_text):
             by_option.setdefault(option, []).append(f"{key}={value}")
     for option, typed in by_option.items():  # one compose per option: every key typed back at once
         overrides = [f"{option[0]}={option[1]}"] if option else []
-        if option in (("data", "folder"), ("data", "npz")):
+        if option in (("data", "folder"), ("data", "npz"), ("data", "seg-folder"), ("data", "seg-npz")):
             overrides.append("data.path=x")
         if option == ("teacher", "timm"):
             overrides += ["teacher.arch=x", "teacher.checkpoint=x"]

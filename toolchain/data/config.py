@@ -5,7 +5,8 @@ Keys (all optional; a missing key takes its default):
     name            str        "mri"   one of: mri (embedded default, Colin27 T1 patches),
                                        ct (head CT level patches), fashion-mnist, npz
                                        (MedMNIST format), folder; multitask has keys of its
-                                       own (multitask.py)
+                                       own (multitask.py); segmentation: mri-seg, seg-folder,
+                                       seg-npz (segmentation.py)
     path            str|null   null    npz: the .npz file; folder: the root directory;
                                        mri / fashion-mnist: a directory that replaces the
                                        Debian install location; ct: the .inv3 file (null =

@@ -34,7 +34,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".we
 TEST_FRACTION = 0.2
 _GRAY_MODES = {"1", "L", "LA"}
 # No fixed 0..1 scale (unlike 8-bit): data.intensity maps these.
-_RULE_MODES = {"I", "I;16", "I;16B", "I;16L", "F"}
+RULE_MODES = {"I", "I;16", "I;16B", "I;16L", "F"}
 
 
 def load_folder(cfg: DataConfig) -> TaskData:
@@ -73,13 +73,13 @@ def load_folder(cfg: DataConfig) -> TaskData:
         train_paths, test_paths = [all_paths[i] for i in train_index], [all_paths[i] for i in test_index]
         split_rule = f"80/20 per class, seeded (seed {cfg.seed})"
 
-    headers = {path: _header(path) for path in all_paths}
-    size = cfg.image_size or _native_size(headers, root)
+    headers = {path: image_header(path) for path in all_paths}
+    size = cfg.image_size or folder_image_size(headers, root)
     rule = cfg.intensity or IntensityRule("range")
-    rule_paths = [p for p in all_paths if headers[p][0] in _RULE_MODES]
-    reference = [p for p in train_paths if headers[p][0] in _RULE_MODES] or rule_paths
-    low, high = rule.bounds(_pixels(p) for p in reference) if rule_paths else (0.0, 1.0)
-    images = {path: _read_image(path, size, low, high) for path in all_paths}
+    rule_paths = [p for p in all_paths if headers[p][0] in RULE_MODES]
+    reference = [p for p in train_paths if headers[p][0] in RULE_MODES] or rule_paths
+    low, high = rule.bounds(image_pixels(p) for p in reference) if rule_paths else (0.0, 1.0)
+    images = {path: read_image(path, size, low, high) for path in all_paths}
     channels = 3 if any(image.shape[0] == 3 for image in images.values()) else 1
 
     def image_set(paths, labels) -> ImageSet:
@@ -132,7 +132,7 @@ def _flatten(files: dict[str, list[Path]], class_names: list[str]) -> tuple[list
 
 
 @contextmanager
-def _open_image(path: Path):
+def open_image(path: Path):
     """PIL image of `path`; any failure to decode it becomes a one-line UserError."""
     try:
         with Image.open(path) as image:
@@ -142,13 +142,13 @@ def _open_image(path: Path):
         raise UserError(f"cannot read image {path}: {reason}") from None
 
 
-def _header(path: Path) -> tuple[str, tuple[int, int]]:
+def image_header(path: Path) -> tuple[str, tuple[int, int]]:
     """(PIL mode, (width, height)), from the file header alone."""
-    with _open_image(path) as image:
+    with open_image(path) as image:
         return image.mode, image.size
 
 
-def _native_size(headers: dict[Path, tuple[str, tuple[int, int]]], root: Path) -> int:
+def folder_image_size(headers: dict[Path, tuple[str, tuple[int, int]]], root: Path) -> int:
     sizes = sorted({size for _, size in headers.values()})
     if len(sizes) > 1:
         listed = ", ".join(f"{w}x{h}" for w, h in sizes[:3]) + (", ..." if len(sizes) > 3 else "")
@@ -160,18 +160,18 @@ def _native_size(headers: dict[Path, tuple[str, tuple[int, int]]], root: Path) -
     return native_image_size(height, width, f"the images in {root}")
 
 
-def _pixels(path: Path) -> np.ndarray:
-    with _open_image(path) as image:
+def image_pixels(path: Path) -> np.ndarray:
+    with open_image(path) as image:
         return np.asarray(image, dtype=np.float32)
 
 
-def _read_image(path: Path, size: int, low: float, high: float) -> torch.Tensor:
+def read_image(path: Path, size: int, low: float, high: float) -> torch.Tensor:
     """One image as float32 C x size x size in [0, 1]; C is 1 (gray) or 3 (colour).
 
-    Images of _RULE_MODES map low..high to 0..1 (data.intensity); 8-bit ones are / 255.
+    Images of RULE_MODES map low..high to 0..1 (data.intensity); 8-bit ones are / 255.
     """
-    with _open_image(path) as image:
-        if image.mode in _RULE_MODES:
+    with open_image(path) as image:
+        if image.mode in RULE_MODES:
             array = scale_to_unit(np.asarray(image, dtype=np.float32), low, high)[None]
         elif image.mode in _GRAY_MODES:
             array = np.asarray(image.convert("L"), dtype=np.float32)[None] / 255.0

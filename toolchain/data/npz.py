@@ -50,7 +50,7 @@ def load_npz(cfg: DataConfig) -> TaskData:
 
     splits = {}
     for split in ("train", "test"):
-        images = _check_images(arrays[f"{split}_images"], f"{split}_images", path)
+        images = check_images(arrays[f"{split}_images"], f"{split}_images", path)
         labels = _check_labels(arrays[f"{split}_labels"], f"{split}_labels", path)
         if len(images) != len(labels):
             raise UserError(
@@ -71,7 +71,7 @@ def load_npz(cfg: DataConfig) -> TaskData:
         )
 
     max_label = max(int(labels.max()) for _, labels in splits.values())
-    class_names = _class_names(names, max_label, path)
+    class_names = file_class_names(names, max_label, path)
     if train_images.dtype == np.uint8:
         intensity = "uint8 / 255"
     else:
@@ -100,7 +100,7 @@ def load_npz(cfg: DataConfig) -> TaskData:
     )
 
 
-def _check_images(images: np.ndarray, key: str, path) -> np.ndarray:
+def check_images(images: np.ndarray, key: str, path) -> np.ndarray:
     if images.ndim == 4 and images.shape[-1] == 1:
         images = images[..., 0]
     if not (images.ndim == 3 or (images.ndim == 4 and images.shape[-1] == 3)):
@@ -133,7 +133,7 @@ def _check_labels(labels: np.ndarray, key: str, path) -> np.ndarray:
     return labels
 
 
-def _class_names(names, max_label: int, path) -> list[str]:
+def file_class_names(names, max_label: int, path) -> list[str]:
     """The file's names; [] (validate.py names them class_<label>) when it has none."""
     if names is None:
         return []  # not 1 + max_label names: a sparse label such as 10**12 would build them all

@@ -8,6 +8,11 @@ baseline of the final splits (baseline.py). See config.py for the keys.
 
 `multitask` (multitask.py) has keys of its own: it loads each of its tasks through load_task
 and merges them.
+
+Segmentation data sets (image + mask per pixel, segmentation.py) have a table of their own,
+SEGMENTATION_LOADERS, and an entry point of their own, `load_segmentation_task`: the two kinds
+of task feed different models and metrics, so each entry point refuses the other kind's names
+with a one-line error instead of returning a type its caller cannot use.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
+from ..errors import ConfigError
 from .base import ImageSet, TaskData
 from .baseline import intensity_baseline
 from .config import DataConfig, config_mapping, native_image_size, parse_data_config
@@ -25,12 +31,16 @@ from .ct import load_ct
 from .fashion_mnist import load_fashion_mnist
 from .folder import load_folder
 from .mri import load_mri
+from .mri_seg import load_mri_seg
 from .multitask import NAME as MULTITASK
 from .multitask import load_multitask
 from .npz import load_npz
 from .sampling import stratified_cap, stratified_fraction
+from .seg_folder import load_seg_folder
+from .seg_npz import load_seg_npz
+from .segmentation import SegmentationTask, finish_segmentation_task
 from .transforms import resize_images
-from .validate import validate_task
+from .validate import check_finite, validate_task
 
 LOADERS: dict[str, Callable[[DataConfig], TaskData]] = {
     "mri": load_mri,
@@ -41,8 +51,15 @@ LOADERS: dict[str, Callable[[DataConfig], TaskData]] = {
 }
 
 
+SEGMENTATION_LOADERS: dict[str, Callable[[DataConfig], SegmentationTask]] = {
+    "mri-seg": load_mri_seg,
+    "seg-folder": load_seg_folder,
+    "seg-npz": load_seg_npz,
+}
+
+
 def available_datasets() -> list[str]:
-    return sorted([*LOADERS, MULTITASK])
+    return sorted([*LOADERS, MULTITASK, *SEGMENTATION_LOADERS])
 
 
 def load_task(cfg) -> TaskData:
@@ -51,6 +68,9 @@ def load_task(cfg) -> TaskData:
     if raw.get("name") == MULTITASK:
         return load_multitask(raw, load_task)
     config = parse_data_config(raw, available_datasets())
+    if config.name in SEGMENTATION_LOADERS:
+        raise ConfigError(f"data={config.name} is a segmentation data set (a mask per image); this recipe "
+                          f"classifies images: use a classification data set ({', '.join(sorted(LOADERS))})")
     task = validate_task(LOADERS[config.name](config), config.allow_unseen_test_classes)
     size = config.image_size or native_image_size(*task.train.images.shape[-2:], f"the {task.name} images")
     train, test, seed = task.train, task.test, config.seed
@@ -90,3 +110,16 @@ def _subset(images: ImageSet, index: np.ndarray) -> ImageSet:
 
 def _counts(images: ImageSet, num_classes: int) -> list[int]:
     return torch.bincount(images.labels, minlength=num_classes).tolist()
+
+
+def load_segmentation_task(cfg) -> SegmentationTask:
+    """The segmentation counterpart of load_task: validate the config, load the image/mask
+    pairs (the loader checks masks against images), then cap, budget and resize them."""
+    config = parse_data_config(config_mapping(cfg), available_datasets())
+    if config.name not in SEGMENTATION_LOADERS:
+        raise ConfigError(f"data={config.name} is not a segmentation data set; choose one of: "
+                          f"{', '.join(sorted(SEGMENTATION_LOADERS))}")
+    task = SEGMENTATION_LOADERS[config.name](config)
+    for split in ("train", "test"):
+        check_finite(task.name, split, getattr(task, split).images)
+    return finish_segmentation_task(task, config)

@@ -60,10 +60,10 @@ def validate_task(task: TaskData, allow_unseen_test_classes: bool = False) -> Ta
             "the model could never predict them: add training images of these classes, drop "
             "them from the test split, or set data.allow_unseen_test_classes=true"
         )
-    _check_finite(task.name, "train", task.train.images)
-    _check_finite(task.name, "test", task.test.images)
+    check_finite(task.name, "train", task.train.images)
+    check_finite(task.name, "test", task.test.images)
     if task.unlabelled is not None:
-        _check_finite(task.name, "unlabelled", task.unlabelled)
+        check_finite(task.name, "unlabelled", task.unlabelled)
 
     classes = np.union1d(train_ids, test_ids)
     provenance = dict(task.provenance)
@@ -102,7 +102,7 @@ def _renumber(labels: torch.Tensor, classes: np.ndarray) -> torch.Tensor:
     return out
 
 
-def _check_finite(dataset: str, split: str, images: torch.Tensor) -> None:
+def check_finite(dataset: str, split: str, images: torch.Tensor) -> None:
     nan, inf = [], []
     for start in range(0, len(images), _CHUNK):  # chunks: no full-size boolean copy
         flat = images[start : start + _CHUNK].reshape(-1, images[0].numel())
