@@ -214,6 +214,8 @@ def fit(
 ) -> TrainResult:
     """Train `recipe` on `train`; `val` (may be None) is evaluated after every epoch.
 
+    `train` may also be a segmentation MaskSet (its masks are the labels; no views, no val).
+
     device: where to train (default: dist.device, else the CPU); dist: the torchrun
     context from distributed.setup() (default: a single process); on_epoch_end: called
     with each epoch's record (losses, val metrics) once it is checkpointed, on rank 0

@@ -52,6 +52,16 @@ class MaskSet:
     def __len__(self) -> int:
         return self.images.shape[0]
 
+    # What the shared training loop (train.fit) batches: masks are a segmentation set's labels,
+    # and a segmentation set is one task.
+    @property
+    def labels(self) -> torch.Tensor:
+        return self.masks
+
+    @property
+    def task_ids(self) -> None:
+        return None
+
     def subset(self, index: torch.Tensor) -> "MaskSet":
         return MaskSet(self.images[index], self.masks[index],
                        None if self.position is None else self.position[index])

@@ -78,10 +78,13 @@ class Segmenter(nn.Module):
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder.forward_features(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = self.tokens(x)
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens N x T x D (row-major on the grid) -> logits N x K x image_size x image_size."""
         token_map = tokens.transpose(1, 2).reshape(-1, self.embed_dim, self.grid, self.grid)
         return self.decoder(token_map)  # patch_size is a power of 2: back at image_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.tokens(x))
 
 
 @register_segmenter("vit_tiny_seg")
