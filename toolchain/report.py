@@ -327,8 +327,58 @@ def _firmware_line(firmware) -> str:
     )
 
 
+def render_segmentation_markdown(report: dict) -> str:
+    """The human-readable report of a segmentation build (toolchain/seg_pipeline.py)."""
+    run, data, teacher, student = (_sec(report, s) for s in ("run", "data", "teacher", "student"))
+    seg, training, transfer = _sec(report, "segmentation"), _sec(report, "training"), _sec(report, "transfer_set")
+    provenance = data.get("provenance") if isinstance(data.get("provenance"), dict) else {}
+    unit = "mm" if provenance.get("pixel_spacing_mm") else "px"
+    test = seg.get("test") if isinstance(seg.get("test"), dict) else {}
+    out = [f"# medkd run report: {_txt(run.get('recipe'))} (mode {_txt(run.get('mode'))}) on {_txt(data.get('name'))}",
+           "",
+           f"- Student: {_txt(student.get('name'))} ({_parameters(student.get('parameters'))} parameters)",
+           f"- Teacher: {_txt(teacher.get('name')) if teacher else 'none (mode scratch)'}",
+           f"- Run folder: {_txt(run.get('run_dir'))}",
+           f"- Finished: {_txt(run.get('finished_at'))}",
+           f"- Wall time: {_txt(run.get('wall_time_s'))} s ({_txt(run.get('stage_seconds'))})",
+           "", "## Test segmentation (student, PyTorch fp32)", ""]
+    rows = [[name, _num(c.get("dice")), _num(c.get("hd95_mm")), _int(c.get("images_scored")),
+             _int(c.get("one_empty")), _int(c.get("both_empty"))]
+            for name, c in (test.get("per_class") or {}).items()]
+    rows.append(["**mean**", _num(test.get("mean_dice")), _num(test.get("mean_hd95_mm")), "", "", ""])
+    out += _table(["Class", "Dice", f"HD95 ({unit})", "Slices scored", "One mask empty", "Both empty"], rows)
+    out += ["", f"Empty masks: {_txt(test.get('empty_mask_policy'))}. Pixel agreement "
+                f"{_pct(test.get('pixel_agreement'))}."]
+    teacher_test = teacher.get("test") if isinstance(teacher.get("test"), dict) else None
+    if teacher_test:
+        parity = teacher.get("merge_parity") or {}
+        out += ["", f"Teacher (LoRA-tuned, merged; {_txt(teacher.get('weights'))}): test mean Dice "
+                    f"{_num(teacher_test.get('mean_dice'))}, mean HD95 {_num(teacher_test.get('mean_hd95_mm'))} {unit}; "
+                    f"merge parity {_num(parity.get('relative'))} of the logits' range."]
+    overlays = seg.get("overlays") or []
+    out += ["", "## Overlays (image | truth | prediction)", ""] + [f"![{p}]({p})" for p in overlays]
+    out += ["", "## Training", ""]
+    histories = training.get("histories") if isinstance(training.get("histories"), dict) else {}
+    if teacher.get("history"):
+        histories = {"teacher_tuning": teacher["history"], **histories}
+    out += _table(["Stage", "Epochs", "First loss", "Last loss"],
+                  [[stage, _int(len(h)), _num(h[0].get("loss")), _num(h[-1].get("loss"))]
+                   for stage, h in histories.items() if isinstance(h, list) and h])
+    out += ["", "## Export", "", _txt(_sec(report, "export").get("status")), "", "## Provenance", "",
+            f"- Data source: {_txt(provenance.get('source'))}",
+            f"- Split rule: {_txt(provenance.get('split_rule'))}",
+            f"- Labelled training slices: {_txt(data.get('train'))} (positions {_txt(provenance.get('labelled_slice_positions'))}); "
+            f"unlabelled {_txt(data.get('unlabelled'))}; test {_txt(data.get('test'))}",
+            f"- Classes: {_txt(data.get('class_names'))}",
+            f"- Transfer set: {_txt(transfer)}",
+            *_source_lines(_sec(report, "provenance")), ""]
+    return "\n".join(out)
+
+
 def render_markdown(report: dict) -> str:
     """The human-readable report for `report` (see the module docstring for the schema)."""
+    if isinstance(report.get("segmentation"), dict):
+        return render_segmentation_markdown(report)
     run, data, teacher, student = (_sec(report, s) for s in ("run", "data", "teacher", "student"))
     training, export, target = (_sec(report, s) for s in ("training", "export", "target"))
     provenance = data.get("provenance") if isinstance(data.get("provenance"), dict) else {}

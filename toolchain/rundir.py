@@ -24,6 +24,9 @@ from .errors import UserError
 LOCK_NAME = ".medkd.lock"
 LOG_NAME = "log.txt"
 MANIFEST_NAME = "manifest.sha256"
+# A segmentation build's per-stage checkpoints (stages/<stage>/) and overlay PNGs.
+STAGES_DIR = "stages"
+OVERLAYS_DIR = "overlays"
 
 
 def check_location(run_dir: Path) -> None:
@@ -129,16 +132,20 @@ def prepare(run_dir: Path, *, resume: bool, overwrite: bool, fingerprint: str) -
 
     from .checkpoint import CHECKPOINT_NAME, load_checkpoint
 
-    # What a build writes besides the export's files (those are medkd.export.run_export's).
-    build_artifacts = ("config.yaml", CHECKPOINT_NAME, "student.safetensors", "report.json", "report.md")
+    # What a build writes besides the export's files (those are medkd.export.run_export's);
+    # a segmentation build (seg_pipeline.py) also keeps per-stage checkpoints, the tuned
+    # teacher and overlays.
+    build_artifacts = ("config.yaml", CHECKPOINT_NAME, "student.safetensors", "report.json", "report.md",
+                       STAGES_DIR, "teacher.safetensors", OVERLAYS_DIR)
     if any((run_dir / name).exists() for name in build_artifacts) and not (resume or overwrite):
         raise UserError(
             f"{run_dir} already holds a run; pass resume=true to continue it, "
             "overwrite=true to replace it, or run_dir=NEW_DIR"
         )
-    checkpoint = run_dir / CHECKPOINT_NAME
-    if resume and not overwrite and checkpoint.exists():
-        load_checkpoint(checkpoint, fingerprint)  # unreadable or another config: UserError
+    if resume and not overwrite:
+        for checkpoint in [run_dir / CHECKPOINT_NAME, *sorted(run_dir.glob(f"{STAGES_DIR}/*/{CHECKPOINT_NAME}"))]:
+            if checkpoint.exists():
+                load_checkpoint(checkpoint, fingerprint)  # unreadable or another config: UserError
     remove_stale_files(run_dir)
     doomed = [run_dir / MANIFEST_NAME]
     if overwrite:

@@ -94,6 +94,7 @@ def build_mri_seg_task(volume: MriVolume, fov: int = FOV_MM) -> SegmentationTask
             "slice": f"sagittal, {fov} x {fov} mm field of view around the labelled brain (1 px per mm)",
             "slices": {split: len(cols) for split, cols in columns.items()},
             "position": "distance of the slice from the midline, mm",
+            "pixel_spacing_mm": 1.0,  # at the field of view's own size; rescaled with the images
             "label": "AAL lobar group per voxel; 0 = background (not an AAL grey-matter region)",
             "intensity": volume.intensity,
         },

@@ -169,6 +169,7 @@ def finish_segmentation_task(task: SegmentationTask, config) -> SegmentationTask
         train = train.subset(torch.from_numpy(keep))
         if train.position is not None:
             labelled_positions = train.position.tolist()
+    native = train.images.shape[-1]
     train, test = resize_mask_set(train, size), resize_mask_set(test, size)
     provenance = {
         **task.provenance,
@@ -183,6 +184,8 @@ def finish_segmentation_task(task: SegmentationTask, config) -> SegmentationTask
         "train_pixel_share": pixel_shares(train, task.num_classes),
         "test_pixel_share": pixel_shares(test, task.num_classes),
     }
+    if task.provenance.get("pixel_spacing_mm"):  # mm per pixel at the loader's size -> at `size`
+        provenance["pixel_spacing_mm"] = task.provenance["pixel_spacing_mm"] * native / size
     return SegmentationTask(task.name, train, test, list(task.class_names), provenance, unlabelled)
 
 

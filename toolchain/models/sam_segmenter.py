@@ -30,6 +30,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import UserError
 from .teachers import FrozenTeacher, litemedsam_packaged_weights, load_state_bytes
@@ -133,12 +134,27 @@ class FoundationSegmenter(nn.Module):
         self.late = late  # a PeftModel until merge_and_unload()
         self.image_size = image_size
 
+    def to_image_size(self, logits: torch.Tensor) -> torch.Tensor:
+        if logits.shape[-1] == self.image_size:
+            return logits
+        return F.interpolate(logits, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+
     def from_intermediate(self, tokens: torch.Tensor) -> torch.Tensor:
-        logits = self.late(tokens)
-        if logits.shape[-1] != self.image_size:
-            logits = F.interpolate(logits, size=(self.image_size, self.image_size), mode="bilinear",
-                                   align_corners=False)
-        return logits
+        return self.to_image_size(self.late(tokens))
+
+    def embedding_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image embedding N x 256 x g x g, class logits at the images' size): what TS-KD distils."""
+        embedding = self.late.embedding(self.early(images))
+        return embedding, self.to_image_size(self.late.decoder(embedding))
+
+    def train(self, mode: bool = True) -> "FoundationSegmenter":
+        super().train(mode)
+        # The copied stage's base weights are frozen, so are its BatchNorm statistics (as in
+        # recipe=lora); LoRA dropout still follows `mode`.
+        for module in self.late.modules():
+            if isinstance(module, _BatchNorm):
+                module.eval()
+        return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.from_intermediate(self.early(images))
