@@ -115,10 +115,23 @@ def group_keys(conf_dir: Path, group: str, option: str) -> list[str]:
     """The keys one option of a group sets (as GROUP.KEY=default), with descriptions."""
     path = conf_dir / group / f"{option}.yaml"
     raw = OmegaConf.to_container(OmegaConf.load(path))
-    raw.pop("name", None)  # set by the group choice itself
-    docs = {f"{group}.{k}": v for k, v in yaml_comments(path).items()}
-    items = leaf_items(raw, group)
+    raw.pop("defaults", None)  # which options of other groups this one picks: not keys
+    if is_global_package(path):  # keys already written in full (recipe.mode, transfer.path)
+        raw.get(group, {}).pop("name", None)
+        docs, items = yaml_comments(path), leaf_items(raw)
+    else:
+        raw.pop("name", None)  # set by the group choice itself
+        docs = {f"{group}.{k}": v for k, v in yaml_comments(path).items()}
+        items = leaf_items(raw, group)
     return key_lines(items, docs, indent="    ") if items else ["    (no keys)"]
+
+
+PACKAGE_GLOBAL = "# @package _global_"
+
+
+def is_global_package(path: Path) -> bool:
+    """A group option whose file sets keys outside its group (Hydra's package header)."""
+    return path.read_text().startswith(PACKAGE_GLOBAL)
 
 
 def file_description(path: Path) -> str:
@@ -127,5 +140,6 @@ def file_description(path: Path) -> str:
     for line in path.read_text().splitlines():
         if not line.startswith("#"):
             break
-        lines.append(line.lstrip("#").strip())
+        if line.strip() != PACKAGE_GLOBAL:
+            lines.append(line.lstrip("#").strip())
     return " ".join(lines)
