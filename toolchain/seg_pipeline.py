@@ -46,7 +46,7 @@ from .models.segmenters import build_segmenter
 from .models.students import count_parameters
 from .models.teachers import build_teacher
 from .progress import StageTimer, policy_from_config
-from .provenance import source_revision, write_manifest
+from .provenance import data_digest, source_revision, teacher_weights, write_manifest
 from .report import write_report
 from .rundir import LOG_NAME, OVERLAYS_DIR, STAGES_DIR, check_location
 from .seg_metrics import segmentation_scores
@@ -317,7 +317,9 @@ def run_segmentation(cfg: DictConfig, ctx: DistContext) -> dict:
             "training": {"settings": OmegaConf.to_container(cfg.recipe), "histories": histories},
             "segmentation": {"test": scores, "overlays": overlays},
             "export": {"status": "not yet wired for segmentation models (ONNX, precision, engine, firmware)"},
-            "provenance": {"medkd_source": source, "manifest": "manifest.sha256 (check with: medkd-verify RUN_DIR)"},
+            "provenance": {"medkd_source": source, "data": data_digest(task),  # masks are the labels
+                           "teacher_weights": None if s.mode == "scratch" else teacher_weights(cfg.teacher),
+                           "manifest": "manifest.sha256 (check with: medkd-verify RUN_DIR)"},
         }
         md_path, _ = write_report(run_dir, report)
         unit = "mm" if task.provenance.get("pixel_spacing_mm") else "px"
