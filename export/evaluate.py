@@ -1,7 +1,9 @@
 """Run an ONNX model with ONNX Runtime on CPU and compare it with a reference.
 
 The task metric is a function (logits, labels) -> float, so the guard and the report work
-for any task: accuracy for classification now, Dice for segmentation later.
+for any task: accuracy for classification, Dice for segmentation (toolchain/seg_metrics.py).
+"Agreement" (the report's top1_agreement) is taken over the class axis: per image for a
+classifier, per pixel for a segmenter.
 """
 
 from __future__ import annotations
@@ -17,6 +19,12 @@ Metric = Callable[[np.ndarray, np.ndarray], float]
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
     return float((logits.argmax(1) == labels).mean())
+
+
+def class_agreement(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """How often the two pick the same class (argmax over axis 1, the class axis): per image
+    for a classifier's N x K logits, per pixel for a segmenter's N x K x H x W."""
+    return float((reference.argmax(1) == candidate.argmax(1)).mean())
 
 
 def onnx_logits(path: Path, images: np.ndarray, batch: int = 64) -> np.ndarray:
@@ -52,10 +60,9 @@ class Comparison:
 def compare(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray, metric: Metric) -> Comparison:
     if reference.shape != candidate.shape:
         raise ValueError(f"output shapes differ: {candidate.shape} vs reference {reference.shape}")
-    flat_ref, flat_cand = reference.reshape(len(reference), -1), candidate.reshape(len(candidate), -1)
     return Comparison(
         max_abs_diff=float(np.abs(reference.astype(np.float64) - candidate).max()),
-        top1_agreement=float((flat_ref.argmax(1) == flat_cand.argmax(1)).mean()),
+        top1_agreement=class_agreement(reference, candidate),
         reference_metric=metric(reference, labels),
         candidate_metric=metric(candidate, labels),
         num_samples=len(reference),

@@ -36,8 +36,9 @@ def onnx_parity(
 
     `inputs` is one batch N×C×H×W or an iterable of batches. Returns
     ``{"max_abs_diff", "mean_abs_diff", "top1_agreement", "num_samples"}`` where the
-    diffs are over all logits and ``top1_agreement`` is the fraction of samples whose
-    arg-max class is the same in both runtimes. The model's train/eval flags are restored.
+    diffs are over all logits and ``top1_agreement`` is the fraction of class decisions (one
+    per image, or one per pixel for a segmenter's N×K×H×W logits) whose arg-max over the class
+    axis is the same in both runtimes. The model's train/eval flags are restored.
     """
     import onnxruntime as ort
 
@@ -52,6 +53,7 @@ def onnx_parity(
     abs_sum = 0.0
     count = 0
     agree = 0
+    decisions = 0
     samples = 0
     with _EvalMode(model), torch.no_grad():
         for x in batches:
@@ -63,12 +65,13 @@ def onnx_parity(
             max_abs = max(max_abs, float(diff.max()))
             abs_sum += float(diff.sum())
             count += diff.size
-            ref2, got2 = ref.reshape(ref.shape[0], -1), got.reshape(got.shape[0], -1)
-            agree += int((ref2.argmax(1) == got2.argmax(1)).sum())
+            picks = ref.argmax(1) == got.argmax(1)  # the class axis: per image, or per pixel (segmenters)
+            agree += int(picks.sum())
+            decisions += picks.size
             samples += ref.shape[0]
     return {
         "max_abs_diff": max_abs,
         "mean_abs_diff": abs_sum / count,
-        "top1_agreement": agree / samples,
+        "top1_agreement": agree / decisions,
         "num_samples": samples,
     }

@@ -18,7 +18,8 @@ from medkd.toolchain.verify_cli import main as verify
 
 TINY = ["recipe=tskd", "data.image_size=32", "teacher.input_size=32", "data.max_train=8", "data.max_test=6",
         "recipe.teacher_epochs=2", "recipe.distill_epochs=1", "recipe.finetune_epochs=2", "recipe.batch_size=4",
-        "transfer.copies=1", "progress=false"]
+        "transfer.copies=1", "progress=false", "export.precision=fp32", "export.calibration.images=4",
+        "export.latency_runs=2", "export.latency_warmup=1", "export.latency_batches=[1]", "export.latency_threads=[1]"]
 
 
 @pytest.fixture
@@ -30,7 +31,7 @@ def tiny(tmp_path):
 
 
 def test_tskd_tunes_the_teacher_distils_fine_tunes_and_reports_dice(tiny, tmp_path):
-    report = run(load_config(tiny()))
+    report = run(load_config(tiny("export.precision=best")))  # int8 where the guard (on Dice) holds
     run_dir = tmp_path / "run"
     for name in ("config.yaml", "student.safetensors", "teacher.safetensors", "report.json", "report.md", "log.txt",
                  "manifest.sha256", "stages/teacher/checkpoint.pt", "stages/distillation/checkpoint.pt",
@@ -48,6 +49,14 @@ def test_tskd_tunes_the_teacher_distils_fine_tunes_and_reports_dice(tiny, tmp_pa
     assert [len(h) for h in report["training"]["histories"].values()] == [1, 2]
     assert json.loads((run_dir / "report.json").read_text())["run"]["mode"] == "tskd"
     assert "| **mean** |" in (run_dir / "report.md").read_text()
+    # The student goes through the classifiers' export path: parity per pixel, int8 guarded on Dice.
+    export = report["export"]
+    model = export["models"]["model"]
+    assert export["metric"] == "dice" and (run_dir / model["deployed_file"]).is_file()
+    assert model["formats"]["onnx"]["parity"]["max_abs_diff"] <= 1e-4
+    assert model["formats"]["onnx"]["parity"]["top1_agreement"] >= 0.999
+    assert set(model["test_metric"]) == {"fp32", "int8"} and 0 <= model["test_metric"]["fp32"] <= 1
+    assert "Test Dice" in (run_dir / "report.md").read_text()
     assert verify([str(run_dir)]) == 0
     # A finished run resumes without training again: every stage's history is already complete.
     resumed = run(load_config(tiny("resume=true")))

@@ -19,7 +19,9 @@ from medkd.export.run_export import export_deployables
 from medkd.recipes import UNLABELLED
 
 from .data.base import ImageSet, TaskData
+from .data.segmentation import SegmentationTask
 from .errors import ConfigError
+from .seg_metrics import pooled_dice
 
 
 def training_pool(task: TaskData) -> ImageSet:
@@ -70,9 +72,45 @@ def export_data(task: TaskData, plan: ExportPlan, seed: int, held_out: ImageSet 
         metric=accuracy,
         metric_name="accuracy",
         class_names=list(task.class_names),
-        preprocessing={"layout": "NCHW", "dtype": "float32", "value_range": [0.0, 1.0],
-                       "channels": task.in_chans, "image_size": task.image_size,
-                       "source": task.provenance.get("source") if isinstance(task.provenance, dict) else None},
+        preprocessing=model_io(task, f"N x {task.num_classes} class logits"),
+    )
+
+
+def model_io(task: TaskData | SegmentationTask, output: str) -> dict:
+    """What the deployed model takes and gives, for the bundle and firmware manifests."""
+    return {"layout": "NCHW", "dtype": "float32", "value_range": [0.0, 1.0], "channels": task.in_chans,
+            "image_size": task.image_size, "output": output,
+            "source": task.provenance.get("source") if isinstance(task.provenance, dict) else None}
+
+
+def make_segmentation_plan(cfg: DictConfig, task: SegmentationTask) -> ExportPlan:
+    """make_plan for a segmentation task: the labelled slices serve validation, every training
+    image (labelled or not) may calibrate."""
+    if cfg.export.task != "all":
+        raise ConfigError(f"export.task={cfg.export.task} needs multi-task data (data=multitask); leave it at all")
+    unlabelled = 0 if task.unlabelled is None else len(task.unlabelled)
+    return plan_export(OmegaConf.to_container(cfg.target), OmegaConf.to_container(cfg.export), len(task.train),
+                       len(task.train) + unlabelled, (task.in_chans, task.image_size, task.image_size))
+
+
+def segmentation_export_data(task: SegmentationTask, plan: ExportPlan, seed: int) -> ExportData:
+    """Validation: labelled training slices and their masks (parity as pixel agreement, the
+    int8 guard on pooled Dice); calibration: the other training images, disjoint from them."""
+    order = torch.randperm(len(task.train), generator=torch.Generator().manual_seed(seed))
+    validation = order[: plan.validation_images]
+    pool = task.train.images[order[plan.validation_images:]]
+    if task.unlabelled is not None:
+        pool = torch.cat([pool, task.unlabelled])
+    return ExportData(
+        calibration=pool[: plan.calibration_images].numpy(),
+        validation_images=task.train.images[validation].numpy(),
+        validation_labels=task.train.masks[validation].numpy(),
+        test_images=task.test.images.numpy(),
+        test_labels=task.test.masks.numpy(),
+        metric=pooled_dice,
+        metric_name="dice",
+        class_names=list(task.class_names),
+        preprocessing=model_io(task, f"N x {task.num_classes} x {task.image_size} x {task.image_size} class logits"),
     )
 
 
@@ -94,19 +132,22 @@ def selected_modules(cfg: DictConfig, modules: dict[str, torch.nn.Module]) -> di
     return modules if cfg.export.task == "all" else {cfg.export.task: modules[cfg.export.task]}
 
 
-def run_export(cfg: DictConfig, run_dir: Path, task: TaskData, modules: dict[str, torch.nn.Module],
+def run_export(cfg: DictConfig, run_dir: Path, task: TaskData | SegmentationTask, modules: dict[str, torch.nn.Module],
                plan: ExportPlan, log, progress, held_out: ImageSet | None = None) -> dict:
-    data = export_data(task, plan, cfg.seed, held_out)
+    segmentation = isinstance(task, SegmentationTask)
+    data = segmentation_export_data(task, plan, cfg.seed) if segmentation else export_data(task, plan, cfg.seed,
+                                                                                            held_out)
     where = "held out of training" if held_out is not None and len(held_out) else "training images the student fitted"
     log(f"export for {cfg.target.name}: precision {plan.requested_precision}, formats {', '.join(plan.formats)}; "
         f"{len(data.validation_labels)} validation images ({where}) / {len(data.calibration)} calibration images")
-    per_task = bool(task.tasks) and set(modules) <= {t.name for t in task.tasks}
+    per_task = not segmentation and bool(task.tasks) and set(modules) <= {t.name for t in task.tasks}
     # A per-task model is checked, calibrated and tested on its own task's images only.
     deployables = [Deployable(name, module.eval(),
                               export_data(task.task_view(name), plan, cfg.seed) if per_task else None)
                    for name, module in selected_modules(cfg, modules).items()]
     section = export_deployables(run_dir, OmegaConf.to_container(cfg.target), OmegaConf.to_container(cfg.export),
                                  plan, deployables, data, log=log, progress=progress)
+    section["metric"] = data.metric_name  # the task metric of test_metric and the int8 guard
     section["opset"] = cfg.export.opset
     section["profile_batch"] = cfg.target.batch.opt
     return section

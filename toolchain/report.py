@@ -278,7 +278,10 @@ def _render_deployment(export: dict, target: dict, target_name) -> list[str]:
                     f"{_txt(model.get('deployed_precision'))} deployed ({_txt(model.get('deployed_file'))})", "",
                 f"Checks use {_txt(model.get('validation_images'))} validation images carved from the training side; "
                 "the test split is evaluated once per precision and only reported.", ""]
-        out += _table(["Precision", "File", "Size", "Test accuracy", "Validation top-1 agreement vs fp32",
+        # Segmenters report Dice, and agree per pixel rather than per image.
+        metric = "Dice" if export.get("metric") == "dice" else "accuracy"
+        agreement = "pixel agreement" if export.get("metric") == "dice" else "top-1 agreement"
+        out += _table(["Precision", "File", "Size", f"Test {metric}", f"Validation {agreement} vs fp32",
                        "Validation drop (points)", "CPU p50 batch 1 (ms)", "CPU p50 batch 32 (ms)"],
                       _precision_rows(model))
         fold = (formats.get("onnx") or {}).get("fold") or {}
@@ -347,8 +350,9 @@ def render_segmentation_markdown(report: dict) -> str:
             for name, c in (test.get("per_class") or {}).items()]
     rows.append(["**mean**", _num(test.get("mean_dice")), _num(test.get("mean_hd95_mm")), "", "", ""])
     out += _table(["Class", "Dice", f"HD95 ({unit})", "Slices scored", "One mask empty", "Both empty"], rows)
-    out += ["", f"Empty masks: {_txt(test.get('empty_mask_policy'))}. Pixel agreement "
-                f"{_pct(test.get('pixel_agreement'))}."]
+    out += ["", f"Dice and HD95 are means over test slices. Empty masks: {_txt(test.get('empty_mask_policy'))}. "
+                f"Pixel agreement {_pct(test.get('pixel_agreement'))}. The deployment tables below score Dice "
+                "pooled over all test pixels per class (the int8 guard's metric), so they differ from this mean."]
     teacher_test = teacher.get("test") if isinstance(teacher.get("test"), dict) else None
     if teacher_test:
         parity = teacher.get("merge_parity") or {}
@@ -364,7 +368,8 @@ def render_segmentation_markdown(report: dict) -> str:
     out += _table(["Stage", "Epochs", "First loss", "Last loss"],
                   [[stage, _int(len(h)), _num(h[0].get("loss")), _num(h[-1].get("loss"))]
                    for stage, h in histories.items() if isinstance(h, list) and h])
-    out += ["", "## Export", "", _txt(_sec(report, "export").get("status")), "", "## Provenance", "",
+    out += _render_deployment(_sec(report, "export"), _sec(report, "target"), _sec(report, "target").get("name"))
+    out += ["", "## Provenance", "",
             f"- Data source: {_txt(provenance.get('source'))}",
             f"- Split rule: {_txt(provenance.get('split_rule'))}",
             f"- Labelled training slices: {_txt(data.get('train'))} (positions {_txt(provenance.get('labelled_slice_positions'))}); "

@@ -83,3 +83,20 @@ def segmentation_scores(pred: torch.Tensor, truth: torch.Tensor, class_names: li
         "empty_mask_policy": "both empty: not scored; one empty: Dice 0, HD95 = image diagonal",
         "per_class": per_class,
     }
+
+
+def pooled_dice(logits, masks) -> float:
+    """The export guard's segmentation metric (numpy, N x K x H x W logits and N x H x W masks):
+    Dice of each foreground class over all pixels of the set pooled, averaged over the classes
+    present in the truth or the prediction. Pooled rather than per image: cheap enough for the
+    guard's many int8 candidates, and no empty-mask policy is needed."""
+    import numpy as np
+
+    predicted = logits.argmax(1)
+    scores = []
+    for k in range(1, logits.shape[1]):
+        p, t = predicted == k, masks == k
+        total = int(p.sum()) + int(t.sum())
+        if total:
+            scores.append(2.0 * int((p & t).sum()) / total)
+    return float(np.mean(scores)) if scores else 1.0

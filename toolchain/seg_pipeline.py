@@ -16,8 +16,9 @@ loop (train.fit), so `resume=true` continues where a killed run stopped and a fi
 is not trained again. The run directory, its lock, the log, the report and the manifest are
 the classification build's (pipeline.py, rundir.py, report.py, provenance.py).
 
-Not yet wired: the export of the student (ONNX / precision / engine / firmware) and the
-int8 guard on Dice; the report says so.
+    export             the student through the classifiers' export path (export_stage.py):
+                       ONNX, fp16/int8 behind parity (pixel agreement) and the int8 guard (on
+                       pooled Dice, seg_metrics.pooled_dice), engine or bundle, firmware, latency
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from .data.augment import draw_view_table, parse_augment
 from .data.segmentation import SegmentationTask
 from .distributed import DistContext
 from .errors import ConfigError, UserError
+from .export_stage import deployed_summary, make_segmentation_plan, run_export
 from .features import teacher_features
 from .models.sam_segmenter import build_foundation_segmenter, with_segmenter_lora
 from .models.segmenters import build_segmenter
@@ -51,6 +53,7 @@ from .report import write_report
 from .rundir import LOG_NAME, OVERLAYS_DIR, STAGES_DIR, check_location
 from .seg_metrics import segmentation_scores
 from .seg_overlays import write_overlays
+from .targets import target_summary
 from .train import TrainSettings, fit, predict
 
 SEGMENTATION_RECIPES = ("tskd",)
@@ -159,6 +162,7 @@ class SegmentationInputs:
     transfer: torch.Tensor | None
     transfer_info: dict
     fingerprint: str
+    plan: object  # the export plan, checked at setup
 
 
 def check_segmentation_inputs(cfg: DictConfig, log) -> SegmentationInputs:
@@ -183,7 +187,8 @@ def check_segmentation_inputs(cfg: DictConfig, log) -> SegmentationInputs:
         transfer, info = transfer_set(task, cfg)
         log(f"transfer set: {len(transfer)} images ({info})")
     fingerprint = training_fingerprint(cfg) + ":" + str(OmegaConf.to_container(cfg.transfer))
-    return SegmentationInputs(run_dir, task, settings, student, teacher, transfer, info, fingerprint)
+    plan = make_segmentation_plan(cfg, task)
+    return SegmentationInputs(run_dir, task, settings, student, teacher, transfer, info, fingerprint, plan)
 
 
 def stage_settings(settings: TSKDSettings, epochs: int, lr: float, cfg: DictConfig, progress) -> TrainSettings:
@@ -302,6 +307,8 @@ def run_segmentation(cfg: DictConfig, ctx: DistContext) -> dict:
                                       task.class_names)
         weights = {k: v.detach().contiguous() for k, v in student.state_dict().items()}
         atomic_save(run_dir / "student.safetensors", lambda tmp: save_file(weights, str(tmp)))
+        with stages("export"):
+            export = run_export(cfg, run_dir, task, {"model": student}, inputs.plan, log, progress)
         report = {
             "run": {"recipe": "tskd", "mode": s.mode, "run_dir": str(run_dir), "seed": cfg.seed,
                     "wall_time_s": round(time.perf_counter() - started, 1), "stage_seconds": dict(stages.seconds),
@@ -316,15 +323,16 @@ def run_segmentation(cfg: DictConfig, ctx: DistContext) -> dict:
             "student": {"name": cfg.student.name, "parameters": count_parameters(student)},
             "training": {"settings": OmegaConf.to_container(cfg.recipe), "histories": histories},
             "segmentation": {"test": scores, "overlays": overlays},
-            "export": {"status": "not yet wired for segmentation models (ONNX, precision, engine, firmware)"},
+            "export": export,
+            "target": target_summary(cfg.target, export),
             "provenance": {"medkd_source": source, "data": data_digest(task),  # masks are the labels
                            "teacher_weights": None if s.mode == "scratch" else teacher_weights(cfg.teacher),
                            "manifest": "manifest.sha256 (check with: medkd-verify RUN_DIR)"},
         }
         md_path, _ = write_report(run_dir, report)
         unit = "mm" if task.provenance.get("pixel_spacing_mm") else "px"
-        log(f"test mean Dice {scores['mean_dice']:.4f}, mean HD95 {scores['mean_hd95_mm']:.2f} {unit}; "
-            f"report: {md_path}")
+        log(f"test mean Dice {scores['mean_dice']:.4f}, mean HD95 {scores['mean_hd95_mm']:.2f} {unit} "
+            f"(PyTorch fp32); {deployed_summary(export)}; report: {md_path}")
         write_manifest(run_dir)
         return report
 
