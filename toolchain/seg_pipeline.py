@@ -43,7 +43,7 @@ from .distributed import DistContext
 from .errors import ConfigError, UserError
 from .export_stage import deployed_summary, make_segmentation_plan, run_export
 from .features import teacher_features
-from .models.sam_segmenter import build_foundation_segmenter, with_segmenter_lora
+from .models.sam_segmenter import SAM_EMBED_DIM, build_foundation_segmenter, with_segmenter_lora
 from .models.segmenters import build_segmenter
 from .models.students import count_parameters
 from .models.teachers import build_teacher
@@ -240,14 +240,14 @@ def teacher_targets(inputs: SegmentationInputs, tuned: torch.nn.Module | None, b
     un-tuned encoder's embedding alone, for every transfer image."""
     task, student = inputs.task, inputs.student
     if tuned is not None:
-        targets = TeacherTargets(channels=256, grid=student.grid, num_classes=task.num_classes,
+        targets = TeacherTargets(channels=SAM_EMBED_DIM, grid=student.grid, num_classes=task.num_classes,
                                  size=task.image_size)
 
         def rows(images):
             return targets.pack(*tuned.embedding_and_logits(images))
     else:
         teacher = inputs.teacher
-        targets = TeacherTargets(channels=256, grid=student.grid)
+        targets = TeacherTargets(channels=SAM_EMBED_DIM, grid=student.grid)
 
         def rows(images):
             return targets.pack(teacher.embedding(teacher.preprocess(images)))
