@@ -89,8 +89,16 @@ def make_segmentation_plan(cfg: DictConfig, task: SegmentationTask) -> ExportPla
     if cfg.export.task != "all":
         raise ConfigError(f"export.task={cfg.export.task} needs multi-task data (data=multitask); leave it at all")
     unlabelled = 0 if task.unlabelled is None else len(task.unlabelled)
-    return plan_export(OmegaConf.to_container(cfg.target), OmegaConf.to_container(cfg.export), len(task.train),
-                       len(task.train) + unlabelled, (task.in_chans, task.image_size, task.image_size))
+    export = OmegaConf.to_container(cfg.export)
+    # A segmentation set is a few dozen slices: int8 calibrates on what is left after validation
+    # (at most half of the labelled slices) when export.calibration.images asks for more.
+    validation = min(export["validation_images"], len(task.train) // 2)
+    available = max(1, len(task.train) + unlabelled - validation)
+    calibration = export["calibration"]["images"]
+    if isinstance(calibration, int) and not isinstance(calibration, bool):
+        export["calibration"]["images"] = min(calibration, available)
+    return plan_export(OmegaConf.to_container(cfg.target), export, len(task.train), len(task.train) + unlabelled,
+                       (task.in_chans, task.image_size, task.image_size))
 
 
 def segmentation_export_data(task: SegmentationTask, plan: ExportPlan, seed: int) -> ExportData:
