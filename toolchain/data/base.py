@@ -98,8 +98,25 @@ class TaskInfo:
         return len(self.class_names)
 
 
+class TaskShape:
+    """What a model built for a task needs of it: classes, channels, image side. Shared by
+    classification (TaskData) and segmentation (segmentation.SegmentationTask) tasks."""
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def in_chans(self) -> int:
+        return self.train.images.shape[1]
+
+    @property
+    def image_size(self) -> int:
+        return self.train.images.shape[-1]
+
+
 @dataclass
-class TaskData:
+class TaskData(TaskShape):
     """A classification task: train and test splits plus what the model needs to know."""
 
     name: str
@@ -118,18 +135,6 @@ class TaskData:
     unlabelled_task_ids: torch.Tensor | None = None
     # The spatial group of each withheld-label image, where the training images have them.
     unlabelled_spatial_group: torch.Tensor | None = None
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
-    def in_chans(self) -> int:
-        return self.train.images.shape[1]
-
-    @property
-    def image_size(self) -> int:
-        return self.train.images.shape[-1]
 
     @property
     def is_multitask(self) -> bool:

@@ -28,25 +28,7 @@ REQUIRED_KEYS = ("train_images", "train_labels", "test_images", "test_labels")
 
 def load_npz(cfg: DataConfig) -> TaskData:
     path = required_path(cfg, "a MedMNIST-format .npz file")
-    if not path.exists():
-        raise UserError(f"npz file not found: {path} (check data.path)")
-    if path.is_dir():
-        raise UserError(f"data.path {path} is a directory; name=npz needs a .npz file")
-    if not zipfile.is_zipfile(path):
-        raise UserError(f"{path} is not an .npz (zip) archive; give a MedMNIST-format .npz file")
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            missing = [key for key in REQUIRED_KEYS if key not in archive.files]
-            if missing:
-                raise UserError(
-                    f"{path} lacks key(s) {', '.join(missing)}; a MedMNIST .npz needs "
-                    f"{', '.join(REQUIRED_KEYS)}"
-                )
-            arrays = {key: archive[key] for key in REQUIRED_KEYS}
-            names = archive["class_names"] if "class_names" in archive.files else None
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
-        # ValueError: an object array, which would need pickle (unsafe, never loaded).
-        raise UserError(f"cannot read {path} as .npz: {str(exc).splitlines()[0]}") from None
+    arrays, names = read_npz_arrays(path, REQUIRED_KEYS, "MedMNIST", "npz")
 
     splits = {}
     for split in ("train", "test"):
@@ -98,6 +80,29 @@ def load_npz(cfg: DataConfig) -> TaskData:
             "intensity": intensity,
         },
     )
+
+
+def read_npz_arrays(path, required: tuple[str, ...], kind: str, name: str) -> tuple[dict, np.ndarray | None]:
+    """The `required` arrays of the .npz at `path` and its class_names (None if absent);
+    one-line UserErrors for a missing file, a folder, a non-zip, missing keys or pickled data.
+    kind names the format in messages ("MedMNIST"), name the data set (data=NAME)."""
+    if not path.exists():
+        raise UserError(f"npz file not found: {path} (check data.path)")
+    if path.is_dir():
+        raise UserError(f"data.path {path} is a directory; name={name} needs a .npz file")
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"{path} is not an .npz (zip) archive; give a {kind}-format .npz file")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            missing = [key for key in required if key not in archive.files]
+            if missing:
+                raise UserError(f"{path} lacks key(s) {', '.join(missing)}; a {kind} .npz needs {', '.join(required)}")
+            arrays = {key: archive[key] for key in required}
+            names = archive["class_names"] if "class_names" in archive.files else None
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+        # ValueError: an object array, which would need pickle (unsafe, never loaded).
+        raise UserError(f"cannot read {path} as .npz: {str(exc).splitlines()[0]}") from None
+    return arrays, names
 
 
 def check_images(images: np.ndarray, key: str, path) -> np.ndarray:

@@ -9,43 +9,22 @@ order, which the label budget spaces evenly (segmentation.py).
 
 from __future__ import annotations
 
-import zipfile
-
 import numpy as np
 import torch
 
 from ..errors import UserError
 from .config import DataConfig, required_path
 from .intensity import IntensityRule, scale_to_unit
-from .npz import check_images, file_class_names
+from .npz import check_images, file_class_names, read_npz_arrays
 from .segmentation import MaskSet, SegmentationTask, check_masks, default_class_names
 from .transforms import to_nchw_float
 
 REQUIRED_KEYS = ("train_images", "train_masks", "test_images", "test_masks")
 
 
-def read_arrays(path) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-    """The four required arrays and class_names (None if absent), one-line errors otherwise."""
-    if not path.is_file():
-        raise UserError(f"npz file not found: {path} (check data.path)")
-    if not zipfile.is_zipfile(path):
-        raise UserError(f"{path} is not an .npz (zip) archive; give an .npz with {', '.join(REQUIRED_KEYS)}")
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            missing = [key for key in REQUIRED_KEYS if key not in archive.files]
-            if missing:
-                raise UserError(f"{path} lacks key(s) {', '.join(missing)}; a segmentation .npz needs "
-                                f"{', '.join(REQUIRED_KEYS)}")
-            arrays = {key: archive[key] for key in REQUIRED_KEYS}
-            names = archive["class_names"] if "class_names" in archive.files else None
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
-        raise UserError(f"cannot read {path} as .npz: {str(exc).splitlines()[0]}") from None
-    return arrays, names
-
-
 def load_seg_npz(cfg: DataConfig) -> SegmentationTask:
     path = required_path(cfg, "an .npz with train_images, train_masks, test_images, test_masks")
-    arrays, names = read_arrays(path)
+    arrays, names = read_npz_arrays(path, REQUIRED_KEYS, "segmentation", "seg-npz")
     images = {split: check_images(arrays[f"{split}_images"], f"{split}_images", path) for split in ("train", "test")}
     if images["train"].shape[1:] != images["test"].shape[1:]:
         raise UserError(f"{path}: train images are {images['train'].shape[1:]} but test images are "

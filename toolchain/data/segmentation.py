@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
+from .base import TaskShape
 from .config import native_image_size
 from .transforms import resize_images
 
@@ -68,7 +69,7 @@ class MaskSet:
 
 
 @dataclass
-class SegmentationTask:
+class SegmentationTask(TaskShape):
     """A segmentation task: train and test splits, class names (class 0 = background)."""
 
     name: str
@@ -78,18 +79,6 @@ class SegmentationTask:
     provenance: dict = field(default_factory=dict)
     # Training images whose masks were withheld by the label budget: N x C x H x W, or None.
     unlabelled: torch.Tensor | None = None
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
-    def in_chans(self) -> int:
-        return self.train.images.shape[1]
-
-    @property
-    def image_size(self) -> int:
-        return self.train.images.shape[-1]
 
 
 def check_masks(images_shape: tuple[int, ...], masks: np.ndarray, num_classes: int | None, where: str) -> None:
