@@ -35,7 +35,8 @@ within one run; absolute milliseconds move with the machine's load.
     python bench/export.py --students vit_tiny --epochs 4 --merge  # redo one student, keep the others
 
 Run time is mostly training; the guard adds, when the bare preset fails, one quantization
-and validation run per quantized layer (its sensitivity) plus one per layer it keeps.
+and validation run per unit (a block or a layer outside blocks: export/guard.py) plus one per
+unit it keeps.
 From the students.py step costs (idle 2-core box: ~3, ~4
 and ~67 ms per image for resnet18, mobilenetv3, vit_tiny) 12 epochs x 2,800 images take
 ~2, ~2.5 and ~37 minutes: the full protocol cannot fit in 15 minutes because of vit_tiny

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -104,7 +105,7 @@ class ModelExporter:
 
     def run(self) -> dict:
         for name in self.plan.formats:
-            # Calibration, the guard's search and engine builds report no progress of their own.
+            # Calibration and engine builds report no progress of their own (the guard has a bar).
             with self.stages(name), self.progress.heartbeat(f"export {self.deployable.name} [{name}]"):
                 summary = getattr(self, "export_" + name.replace("-", "_"))()
             self.log(f"export {self.deployable.name} [{name}]: {summary}")
@@ -166,11 +167,15 @@ class ModelExporter:
         preset = "int8-cpu" if self.target["runtime"] == "onnxruntime" else "int8-tensorrt"
         calibration, method = self.data.calibration, self.cfg["calibration"]["method"]
 
-        def quantize_excluding(exclude):
-            return quantize(preset, self.onnx["fp32"], path, calibration, method, exclude)
-
         thresholds = GuardThresholds(float(self.cfg["max_accuracy_drop"]), self.cfg["parity"]["int8_min_agreement"])
-        guard = run_guard(quantize_excluding, self.compare_to_fp32, thresholds, log=self.log)
+        # One calibration for every candidate the guard tries (same model, images, method).
+        with tempfile.TemporaryDirectory(prefix="medkd-ranges-") as ranges:
+            def quantize_excluding(exclude):
+                return quantize(preset, self.onnx["fp32"], path, calibration, method, exclude,
+                                ranges_cache=Path(ranges) / "ranges.json")
+
+            guard = run_guard(quantize_excluding, self.compare_to_fp32, thresholds, log=self.log,
+                              progress=self.progress)
         self.results["onnx-int8"] = {"preset": preset, "guard": guard.as_dict(), **guard.result.as_dict(),
                                      "path": path.name if guard.held else None}
         if not guard.held:

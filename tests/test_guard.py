@@ -10,7 +10,7 @@ from torch import nn
 
 from medkd.export import export_onnx
 from medkd.export.evaluate import Comparison, accuracy, compare, onnx_logits
-from medkd.export.guard import GuardThresholds, run_guard
+from medkd.export.guard import GuardThresholds, run_guard, unit_of, units
 from medkd.export.quantize import quantize
 
 torch.set_num_threads(1)
@@ -117,3 +117,53 @@ def test_guard_passes_through_a_model_that_quantizes_well(tmp_path):
                                                                 reference.argmax(1), accuracy),
                        GuardThresholds(0.5, 0.98), log=lambda _: None)
     assert result.held and result.kept_high_precision == [] and calls == [()]
+
+
+@pytest.mark.parametrize("node, unit", [
+    ("/blocks/blocks.3/attn/qkv/MatMul", "/blocks/blocks.3"),
+    ("/layer1/layer1.0/conv1/Conv", "/layer1/layer1.0"),
+    ("/decoder/blocks/blocks.11/fc/Gemm", "/decoder/blocks/blocks.11"),
+    ("/patch_embed/proj/Conv", "/patch_embed/proj/Conv"),  # outside any block: its own unit
+    ("/0/Conv", "/0/Conv"),
+    ("/blocks.2/Conv", "/blocks.2"),
+])
+def test_guard_units_are_indexed_blocks_or_single_layers(node, unit):
+    assert unit_of(node) == unit
+
+
+class BlockedPlanted(nn.Module):
+    """planted_model() with its convs in two indexed blocks: blocks.0 = (sensitive conv, ReLU,
+    conv 2), blocks.1 = (conv 3)."""
+
+    def __init__(self):
+        super().__init__()
+        planted = planted_model()
+        self.blocks = nn.ModuleList([nn.Sequential(planted[0], planted[1], planted[2]), nn.Sequential(planted[3])])
+        self.head = nn.Sequential(planted[4], planted[5], planted[6])
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def test_guard_measures_and_keeps_whole_blocks(tmp_path):
+    fp32 = export_onnx(BlockedPlanted().eval(), torch.rand(2, 2, 8, 8), tmp_path / "model.onnx")
+    convs = [n.name for n in onnx.load(str(fp32)).graph.node if n.op_type == "Conv"]
+    first_block = tuple(n for n in convs if unit_of(n) == unit_of(convs[0]))
+    assert len(first_block) == 2 and len(units(convs)) == 2
+    validation = images(200, 1)
+    reference = onnx_logits(fp32, validation)
+    calls = []
+
+    def quantize_excluding(exclude):
+        calls.append(tuple(exclude))
+        return quantize("int8-cpu", fp32, tmp_path / "q.onnx", images(128, 0), "minmax", exclude)
+
+    result = run_guard(quantize_excluding, lambda p: compare(reference, onnx_logits(p, validation),
+                                                                reference.argmax(1), accuracy),
+                       GuardThresholds(0.5, 0.98), log=lambda _: None)
+    # full, one try per block (not per conv), then the sensitive block kept whole
+    assert result.held and calls == [(), first_block, (convs[2],), first_block]
+    assert result.kept_high_precision == list(first_block)
+    assert set(result.sensitivity) == {unit_of(convs[0]), unit_of(convs[2])}

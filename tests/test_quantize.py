@@ -165,3 +165,24 @@ def test_fp16_vit_loads_and_matches(tmp_path):
     result = quantize("fp16", fp32, tmp_path / "vit.fp16.onnx")
     x = np.random.default_rng(0).random((4, 1, 32, 32), dtype=np.float32)
     np.testing.assert_allclose(onnx_logits(result.path, x), onnx_logits(fp32, x), atol=1e-2)
+
+
+def _ranges_cache_supported() -> bool:
+    import inspect
+
+    from onnxruntime.quantization import quantize_static
+    return "calibration_cache_path" in inspect.signature(quantize_static).parameters
+
+
+@pytest.mark.skipif(not _ranges_cache_supported(), reason="this ONNX Runtime has no calibration cache (needs >= 1.32)")
+def test_ranges_cache_calibrates_once_and_later_calls_reuse_it(fp32_onnx, calibration, tmp_path):
+    cache = tmp_path / "ranges.json"
+    first = quantize("int8-cpu", fp32_onnx, tmp_path / "a.onnx", calibration, "minmax", ranges_cache=cache)
+    assert cache.is_file()
+    # Brighter images would calibrate wider ranges; with the cache they are not looked at.
+    brighter = calibration * 4.0
+    cached = quantize("int8-cpu", fp32_onnx, tmp_path / "b.onnx", brighter, "minmax", ranges_cache=cache)
+    fresh = quantize("int8-cpu", fp32_onnx, tmp_path / "c.onnx", brighter, "minmax")
+    probe = calibration[:8]
+    np.testing.assert_array_equal(onnx_logits(cached.path, probe), onnx_logits(first.path, probe))
+    assert not np.array_equal(onnx_logits(fresh.path, probe), onnx_logits(first.path, probe))

@@ -81,6 +81,19 @@ def test_teacher_segmenter_outputs_k_classes_at_the_image_size(teacher):
     assert not any(p.requires_grad for p in model.parameters())  # nothing trains before LoRA
 
 
+def test_split_segmenter_gives_the_frozen_encoders_own_embedding(teacher):
+    # Task-agnostic KD distils early stages + the copied last stage and neck: that must be the
+    # un-tuned encoder's embedding, not an approximation of it.
+    model = build_foundation_segmenter(teacher, 4, 32)
+    images = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        split = model.late.embedding(model.early(images))
+        whole = teacher.embedding(teacher.preprocess(images))
+    grid = teacher.input_size // 4
+    assert split.shape == whole.shape == (2, 256, grid, grid)
+    torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-5)
+
+
 def test_lora_trains_adapters_and_class_head_and_merges_to_the_same_outputs(teacher):
     model = with_segmenter_lora(build_foundation_segmenter(teacher, 3, 64), rank=4, alpha=8, dropout=0.0)
     trained = [n for n, p in model.named_parameters() if p.requires_grad]

@@ -43,7 +43,9 @@ from .distributed import DistContext
 from .errors import ConfigError, UserError
 from .export_stage import deployed_summary, make_segmentation_plan, run_export
 from .features import teacher_features
-from .models.sam_segmenter import SAM_EMBED_DIM, build_foundation_segmenter, with_segmenter_lora
+from .models.sam_segmenter import (SAM_EMBED_DIM, FoundationSegmenter, build_foundation_segmenter,
+                                   with_segmenter_lora)
+from .models.teacher_runtime import runtime_extractor
 from .models.segmenters import build_segmenter
 from .models.students import count_parameters
 from .models.teachers import build_teacher
@@ -111,9 +113,10 @@ def tskd_settings(recipe: DictConfig) -> TSKDSettings:
     )
 
 
-def transfer_set(task: SegmentationTask, cfg: DictConfig) -> tuple[torch.Tensor, dict]:
-    """The transfer set's images and what they are: every training slice (labelled or not),
-    `transfer.copies` augmented copies of each, and the images of `transfer.path`."""
+def transfer_set(task: SegmentationTask, cfg: DictConfig) -> tuple[list[torch.Tensor], dict]:
+    """The transfer set's images, in parts (each part's teacher tokens are cached on their
+    own), and what they are: every training slice (labelled or not), `transfer.copies`
+    augmented copies of each, and the images of `transfer.path`."""
     base = task.train.images if task.unlabelled is None else torch.cat([task.train.images, task.unlabelled])
     parts, described = [base], {"training_slices": len(base)}
     copies = cfg.transfer.copies
@@ -130,7 +133,7 @@ def transfer_set(task: SegmentationTask, cfg: DictConfig) -> tuple[torch.Tensor,
         extra = folder_images(Path(str(cfg.transfer.path)).expanduser(), task.image_size, task.in_chans)
         parts.append(extra)
         described.update(extra_images=len(extra), extra_source=str(Path(str(cfg.transfer.path)).resolve()))
-    return torch.cat(parts), described
+    return parts, described
 
 
 def folder_images(root: Path, size: int, channels: int) -> torch.Tensor:
@@ -158,11 +161,15 @@ class SegmentationInputs:
     task: SegmentationTask
     settings: TSKDSettings
     student: torch.nn.Module
-    teacher: torch.nn.Module | None
-    transfer: torch.Tensor | None
+    segmenter: FoundationSegmenter | None  # LiteMedSAM, prompt-free, without adapters yet
+    transfer: list[torch.Tensor] | None  # its parts: training slices, augmented copies, transfer.path
     transfer_info: dict
     fingerprint: str
     plan: object  # the export plan, checked at setup
+
+    @property
+    def transfer_images(self) -> torch.Tensor:
+        return torch.cat(self.transfer)
 
 
 def check_segmentation_inputs(cfg: DictConfig, log) -> SegmentationInputs:
@@ -176,7 +183,7 @@ def check_segmentation_inputs(cfg: DictConfig, log) -> SegmentationInputs:
         f"unlabelled train slices / {len(task.test)} test  {task.num_classes} classes  "
         f"{task.in_chans}x{task.image_size}x{task.image_size}")
     student = build_segmenter(cfg.student, task.num_classes, task.in_chans, task.image_size)
-    teacher, transfer, info = None, None, {}
+    segmenter, transfer, info = None, None, {}
     if settings.mode != "scratch":
         teacher = build_teacher(cfg.teacher)
         if teacher.name != "litemedsam":
@@ -184,11 +191,12 @@ def check_segmentation_inputs(cfg: DictConfig, log) -> SegmentationInputs:
         if teacher.input_size < task.image_size:
             raise ConfigError(f"teacher.input_size={teacher.input_size} is below data.image_size={task.image_size}; "
                               f"the teacher must see the slices at least at their size")
+        segmenter = build_foundation_segmenter(teacher, task.num_classes, task.image_size)
         transfer, info = transfer_set(task, cfg)
-        log(f"transfer set: {len(transfer)} images ({info})")
+        log(f"transfer set: {sum(len(part) for part in transfer)} images ({info})")
     fingerprint = training_fingerprint(cfg) + ":" + str(OmegaConf.to_container(cfg.transfer))
     plan = make_segmentation_plan(cfg, task)
-    return SegmentationInputs(run_dir, task, settings, student, teacher, transfer, info, fingerprint, plan)
+    return SegmentationInputs(run_dir, task, settings, student, segmenter, transfer, info, fingerprint, plan)
 
 
 def stage_settings(settings: TSKDSettings, epochs: int, lr: float, cfg: DictConfig, progress) -> TrainSettings:
@@ -201,21 +209,29 @@ def batched(fn, images: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     return [fn(images[i: i + batch_size]) for i in range(0, len(images), batch_size)]
 
 
-def tune_teacher(cfg, inputs: SegmentationInputs, progress, log, ctx: DistContext) -> tuple[torch.nn.Module, dict]:
-    """Stage 1: the LoRA-tuned, merged foundation segmenter and its report section."""
-    task, s = inputs.task, inputs.settings
-    segmenter = with_segmenter_lora(build_foundation_segmenter(inputs.teacher, task.num_classes, task.image_size),
-                                    s.rank, s.lora_alpha, s.lora_dropout)
+def early_tokens(cfg: DictConfig, inputs: SegmentationInputs, progress):
+    """tokens(images, split): the frozen early stages' output, run by teacher.backend (as the
+    classification build's teacher features) and cached in cache_dir per image tensor."""
     cache = Path(cfg.cache_dir) if cfg.cache_dir else None
-    tokens = teacher_features(segmenter.early, task.train.images, cache, cfg.train.teacher_batch_size,
-                              desc="teacher early stages (train)", progress=progress)
+    extractor = runtime_extractor(inputs.segmenter.early, cfg.teacher.backend, cfg.teacher.precision, cache,
+                                  calibration_images=inputs.task.train.images)
+
+    def tokens(images: torch.Tensor, split: str) -> torch.Tensor:
+        return teacher_features(extractor, images, cache, cfg.train.teacher_batch_size,
+                                desc=f"teacher early stages ({split})", progress=progress)
+    return tokens
+
+
+def tune_teacher(cfg, inputs: SegmentationInputs, tokens_of, progress, log, ctx: DistContext) -> dict:
+    """Stage 1: LoRA-tune inputs.segmenter, merge it in place; its report section."""
+    task, s = inputs.task, inputs.settings
+    segmenter = with_segmenter_lora(inputs.segmenter, s.rank, s.lora_alpha, s.lora_dropout)
     recipe = TeacherTuning(segmenter, s.ce_weight, s.dice_weight)
     result = fit(recipe, task.train, None, stage_settings(s, s.teacher_epochs, s.teacher_lr, cfg, progress),
-                 inputs.run_dir / STAGES_DIR / "teacher", inputs.fingerprint, tokens, resume=cfg.resume, log=log,
-                 device=ctx.device, dist=ctx)
+                 inputs.run_dir / STAGES_DIR / "teacher", inputs.fingerprint, tokens_of(task.train.images, "train"),
+                 resume=cfg.resume, log=log, device=ctx.device, dist=ctx)
     segmenter.eval()
-    test_tokens = teacher_features(segmenter.early, task.test.images, cache, cfg.train.teacher_batch_size,
-                                   desc="teacher early stages (test)", progress=progress)
+    test_tokens = tokens_of(task.test.images, "test")
     unmerged = torch.cat(batched(segmenter.from_intermediate, test_tokens, s.batch_size))
     trained = sum(p.numel() for p in segmenter.parameters() if p.requires_grad)
     segmenter.merge_and_unload()
@@ -229,29 +245,29 @@ def tune_teacher(cfg, inputs: SegmentationInputs, progress, log, ctx: DistContex
     atomic_save(inputs.run_dir / "teacher.safetensors", lambda tmp: save_file(weights, str(tmp)))
     scores = segmentation_scores(merged.argmax(1), task.test.masks, task.class_names, pixel_spacing(task))
     log(f"teacher (LoRA-tuned, merged) test mean Dice {scores['mean_dice']:.4f}")
-    return segmenter, {"history": result.history, "trainable_parameters": trained,
-                       "parameters": count_parameters(segmenter),
-                       "merge_parity": {"max_abs_diff": diff, "relative": relative},
-                       "test": scores, "weights": "teacher.safetensors (LoRA merged)"}
+    return {"history": result.history, "trainable_parameters": trained, "parameters": count_parameters(segmenter),
+            "merge_parity": {"max_abs_diff": diff, "relative": relative},
+            "test": scores, "weights": "teacher.safetensors (LoRA merged)"}
 
 
-def teacher_targets(inputs: SegmentationInputs, tuned: torch.nn.Module | None, batch_size: int) -> tuple:
-    """(rows, TeacherTargets): tuned teacher's embedding + mask logits, or (agnostic) the
-    un-tuned encoder's embedding alone, for every transfer image."""
-    task, student = inputs.task, inputs.student
-    if tuned is not None:
-        targets = TeacherTargets(channels=SAM_EMBED_DIM, grid=student.grid, num_classes=task.num_classes,
-                                 size=task.image_size)
+@torch.no_grad()
+def teacher_targets(inputs: SegmentationInputs, tokens_of, with_masks: bool, batch_size: int) -> tuple:
+    """(rows, TeacherTargets) for every transfer image: the segmenter's image embedding and,
+    with_masks (tskd: the tuned teacher), its mask logits; without (agnostic: the un-tuned
+    encoder), the embedding alone."""
+    task, segmenter = inputs.task, inputs.segmenter.eval()
+    targets = TeacherTargets(channels=SAM_EMBED_DIM, grid=inputs.student.grid,
+                             num_classes=task.num_classes if with_masks else 0, size=task.image_size)
 
-        def rows(images):
-            return targets.pack(*tuned.embedding_and_logits(images))
-    else:
-        teacher = inputs.teacher
-        targets = TeacherTargets(channels=SAM_EMBED_DIM, grid=student.grid)
+    def rows(tokens):
+        embedding = segmenter.late.embedding(tokens)
+        if not with_masks:
+            return targets.pack(embedding)
+        return targets.pack(embedding, segmenter.to_image_size(segmenter.late.decoder(embedding)))
 
-        def rows(images):
-            return targets.pack(teacher.embedding(teacher.preprocess(images)))
-    return torch.cat(batched(rows, inputs.transfer, batch_size)), targets
+    names = ("training slices", "augmented copies", "transfer.path")
+    tokens = [tokens_of(part, f"transfer: {names[min(i, 2)]}") for i, part in enumerate(inputs.transfer)]
+    return torch.cat(batched(rows, torch.cat(tokens), batch_size)), targets
 
 
 def run_segmentation(cfg: DictConfig, ctx: DistContext) -> dict:
@@ -278,17 +294,18 @@ def run_segmentation(cfg: DictConfig, ctx: DistContext) -> dict:
         log(f"run directory: {run_dir}  (recipe=tskd mode={s.mode})")
         report_teacher, histories = None, {}
         if s.mode != "scratch":
-            tuned = None
+            tokens_of = early_tokens(cfg, inputs, progress)
             if s.mode == "tskd":
                 with stages("teacher_tuning"):
-                    tuned, report_teacher = tune_teacher(cfg, inputs, progress, log, ctx)
+                    report_teacher = tune_teacher(cfg, inputs, tokens_of, progress, log, ctx)
             with stages("teacher_targets"):
-                rows, targets = teacher_targets(inputs, tuned, cfg.train.teacher_batch_size)
-                inputs.teacher = tuned = None  # not needed past this point
+                rows, targets = teacher_targets(inputs, tokens_of, s.mode == "tskd", cfg.train.teacher_batch_size)
+                inputs.segmenter = None  # not needed past this point
             with stages("distillation"):
                 recipe = TransferDistillation(inputs.student, targets, s.feature_weight,
                                               s.logit_weight if targets.num_classes else 0.0, s.temperature)
-                transfer = ImageSet(inputs.transfer, torch.full((len(inputs.transfer),), UNLABELLED))
+                images = inputs.transfer_images
+                transfer = ImageSet(images, torch.full((len(images),), UNLABELLED))
                 histories["distillation"] = fit(
                     recipe, transfer, None, stage_settings(s, s.distill_epochs, s.student_lr, cfg, progress),
                     run_dir / STAGES_DIR / "distillation", inputs.fingerprint, rows, resume=cfg.resume, log=log,
@@ -317,7 +334,7 @@ def run_segmentation(cfg: DictConfig, ctx: DistContext) -> dict:
                      "unlabelled": 0 if task.unlabelled is None else len(task.unlabelled), "test": len(task.test),
                      "num_classes": task.num_classes, "class_names": task.class_names,
                      "image_shape": [task.in_chans, task.image_size, task.image_size], "provenance": task.provenance},
-            "transfer_set": {"images": 0 if inputs.transfer is None else len(inputs.transfer), **inputs.transfer_info},
+            "transfer_set": {"images": sum(len(part) for part in inputs.transfer or []), **inputs.transfer_info},
             "teacher": None if s.mode == "scratch" else {**OmegaConf.to_container(cfg.teacher),
                                                          **(report_teacher or {"tuned": False})},
             "student": {"name": cfg.student.name, "parameters": count_parameters(student)},

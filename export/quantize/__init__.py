@@ -53,11 +53,14 @@ def quantize(
     calibration: np.ndarray | None = None,
     method: str = "minmax",
     exclude: tuple[str, ...] | list[str] = (),
+    ranges_cache: str | os.PathLike | None = None,
 ) -> QuantizeResult:
     """Quantize `fp32_onnx` with `preset` into `out_path` (written atomically).
 
     `calibration` is N×C×H×W float32 images (int8 presets only); `exclude` names ONNX
-    nodes to keep in high precision (the accuracy guard's sensitive layers).
+    nodes to keep in high precision (the accuracy guard's sensitive layers); `ranges_cache`
+    a file that keeps ONNX Runtime's calibrated ranges between calls on the same model and
+    images (see _common.ort_qdq; the caller owns its lifetime and key).
     """
     if preset not in PRESETS:
         raise UserError(f"unknown quantization preset '{preset}'; choose one of: {', '.join(PRESETS)}")
@@ -67,5 +70,6 @@ def quantize(
     if preset.startswith("int8"):
         if calibration is None or len(calibration) == 0:
             raise UserError("int8 quantization needs calibration images")
-        return PRESETS[preset](fp32_onnx, out_path, np.ascontiguousarray(calibration, np.float32), method, tuple(exclude))
+        return PRESETS[preset](fp32_onnx, out_path, np.ascontiguousarray(calibration, np.float32), method, tuple(exclude),
+                               ranges_cache=None if ranges_cache is None else Path(ranges_cache))
     return PRESETS[preset](fp32_onnx, out_path)

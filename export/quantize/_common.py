@@ -41,14 +41,24 @@ def quiet_libraries():
 
 
 def ort_qdq(fp32_onnx: Path, out: Path, calibration: np.ndarray, method: str, nodes_to_exclude: list[str],
-            *, signed_activations: bool) -> None:
+            *, signed_activations: bool, ranges_cache: Path | None = None) -> None:
     """ONNX Runtime's static QDQ quantizer: per-channel symmetric int8 weights, activations
-    symmetric int8 (TensorRT's numerics) or uint8 with a zero point (ORT's CPU kernels)."""
+    symmetric int8 (TensorRT's numerics) or uint8 with a zero point (ORT's CPU kernels).
+
+    ranges_cache: a JSON file of the calibrated tensor ranges, written by the first call and
+    read by the next ones (ONNX Runtime >= 1.32; older ones calibrate every time). The ranges
+    do not depend on which nodes are excluded, so the accuracy guard's one-quantization-per-layer
+    search calibrates once; the caller keys the file by model, images, method and numerics."""
+    import inspect
+
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     from .calibration import CALIBRATION_METHODS, ArrayReader
 
     ort_method, extra = CALIBRATION_METHODS[method]
+    cached = {}
+    if ranges_cache is not None and "calibration_cache_path" in inspect.signature(quantize_static).parameters:
+        cached = {"calibration_cache_path": str(ranges_cache)}
     quantize_static(
         str(fp32_onnx), str(out), ArrayReader(input_name(fp32_onnx), calibration),
         quant_format=QuantFormat.QDQ,
@@ -58,4 +68,5 @@ def ort_qdq(fp32_onnx: Path, out: Path, calibration: np.ndarray, method: str, no
         nodes_to_exclude=nodes_to_exclude,
         calibrate_method=ort_method,
         extra_options={"ActivationSymmetric": signed_activations, "WeightSymmetric": True, **extra},
+        **cached,
     )

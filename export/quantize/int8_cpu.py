@@ -33,8 +33,9 @@ def exclusion_reasons(fp32_onnx: Path, exclude: tuple[str, ...]) -> dict[str, st
 
 
 def quantize_int8_cpu(fp32_onnx: Path, out_path: Path, calibration: np.ndarray, method: str,
-                      exclude: tuple[str, ...]) -> QuantizeResult:
+                      exclude: tuple[str, ...], ranges_cache: Path | None = None) -> QuantizeResult:
     reasons = exclusion_reasons(fp32_onnx, exclude)
     with atomic_path(out_path) as tmp, quiet_libraries():
-        ort_qdq(fp32_onnx, tmp, calibration, method, sorted(reasons), signed_activations=False)
+        ort_qdq(fp32_onnx, tmp, calibration, method, sorted(reasons), signed_activations=False,
+                ranges_cache=ranges_cache)
     return describe(out_path, "int8-cpu", library_version("onnxruntime"), method, reasons)

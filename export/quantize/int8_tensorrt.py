@@ -80,13 +80,14 @@ def _quantize_modelopt(fp32_onnx: Path, tmp: Path, calibration: np.ndarray, node
 
 
 def quantize_int8_tensorrt(fp32_onnx: Path, out_path: Path, calibration: np.ndarray, method: str,
-                           exclude: tuple[str, ...]) -> QuantizeResult:
+                           exclude: tuple[str, ...], ranges_cache: Path | None = None) -> QuantizeResult:
     reasons = exclusion_reasons(fp32_onnx, exclude)
     use_modelopt = method == "minmax" and modelopt_unavailable() is None
     with atomic_path(out_path) as tmp, quiet_libraries():
-        if use_modelopt:
+        if use_modelopt:  # calibrates every call: ModelOpt has no range cache
             _quantize_modelopt(fp32_onnx, tmp, calibration, sorted(reasons))
         else:
-            ort_qdq(fp32_onnx, tmp, calibration, method, sorted(reasons), signed_activations=True)
+            ort_qdq(fp32_onnx, tmp, calibration, method, sorted(reasons), signed_activations=True,
+                    ranges_cache=ranges_cache)
     library = library_version("nvidia-modelopt" if use_modelopt else "onnxruntime")
     return describe(out_path, "int8-tensorrt", library, method, reasons)
