@@ -146,8 +146,9 @@ def main(argv=None) -> int:
     available = len(load_segmentation_task(load_config(["recipe=tskd", *args.override]).data).train)
     with tempfile.TemporaryDirectory(prefix="medkd-bench-tskd-") as tmp:
         cache = Path(tmp) / "cache"  # the teacher's early-stage tokens, shared by every run
-        for budget in args.budgets:
-            for seed in args.seeds:
+        # Seed outermost: a run stopped early still has every budget and mode for its first seeds.
+        for seed in args.seeds:
+            for budget in args.budgets:
                 for mode in args.modes:
                     if (mode, budget, seed) in done:
                         continue
