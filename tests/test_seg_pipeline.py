@@ -14,11 +14,11 @@ from medkd.toolchain.cli import main
 from medkd.toolchain.config import load_config
 from medkd.toolchain.data import load_segmentation_task
 from medkd.toolchain.pipeline import run
-from medkd.toolchain.seg_pipeline import transfer_set
+from medkd.toolchain.seg_pipeline import epochs_for_steps, transfer_set
 from medkd.toolchain.verify_cli import main as verify
 
 TINY = ["recipe=tskd", "data.image_size=32", "teacher.input_size=32", "data.max_train=8", "data.max_test=6",
-        "recipe.teacher_epochs=2", "recipe.distill_epochs=1", "recipe.finetune_epochs=2", "recipe.batch_size=4",
+        "recipe.teacher_steps=4", "recipe.distill_epochs=1", "recipe.finetune_steps=4", "recipe.batch_size=4",
         "transfer.copies=1", "progress=false", "export.precision=fp32", "export.calibration.images=4",
         "export.latency_runs=2", "export.latency_warmup=1", "export.latency_batches=[1]", "export.latency_threads=[1]"]
 
@@ -110,3 +110,14 @@ def test_masks_that_do_not_fit_their_images_stop_the_build_before_it_writes(tmp_
     err = capsys.readouterr().err.strip()
     assert "every image needs a mask of its own size" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("steps, images, batch, epochs", [
+    (144, 70, 4, 8),   # the default: 18 steps an epoch
+    (144, 10, 4, 48),  # 10 labelled slices: 3 steps an epoch, as many steps in all
+    (216, 70, 4, 12),
+    (5, 8, 4, 3),      # rounded up to whole epochs
+    (1, 100, 4, 1),
+])
+def test_labelled_stages_train_the_same_steps_whatever_the_budget(steps, images, batch, epochs):
+    assert epochs_for_steps(steps, images, batch) == epochs

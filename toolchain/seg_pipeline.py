@@ -23,6 +23,7 @@ the classification build's (pipeline.py, rundir.py, report.py, provenance.py).
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -68,9 +69,9 @@ MERGE_RELATIVE_TOLERANCE = 1e-5
 @dataclass(frozen=True)
 class TSKDSettings:
     mode: str
-    teacher_epochs: int
+    teacher_steps: int
     distill_epochs: int
-    finetune_epochs: int
+    finetune_steps: int
     batch_size: int
     teacher_lr: float
     student_lr: float
@@ -102,8 +103,8 @@ def tskd_settings(recipe: DictConfig) -> TSKDSettings:
         raise ConfigError(f"recipe.lora_dropout must be in [0, 1), got '{recipe.lora_dropout}'")
     return TSKDSettings(
         mode=recipe.mode,
-        teacher_epochs=number("teacher_epochs", integer=True), distill_epochs=number("distill_epochs", integer=True),
-        finetune_epochs=number("finetune_epochs", integer=True), batch_size=number("batch_size", integer=True),
+        teacher_steps=number("teacher_steps", integer=True), distill_epochs=number("distill_epochs", integer=True),
+        finetune_steps=number("finetune_steps", integer=True), batch_size=number("batch_size", integer=True),
         teacher_lr=float(number("teacher_lr")), student_lr=float(number("student_lr")),
         rank=number("rank", integer=True), lora_alpha=float(number("lora_alpha")),
         lora_dropout=float(recipe.lora_dropout),
@@ -199,6 +200,13 @@ def check_segmentation_inputs(cfg: DictConfig, log) -> SegmentationInputs:
     return SegmentationInputs(run_dir, task, settings, student, segmenter, transfer, info, fingerprint, plan)
 
 
+def epochs_for_steps(steps: int, images: int, batch_size: int) -> int:
+    """Whole epochs over `images` that make at least `steps` optimizer steps. The labelled
+    stages are sized in steps so that every label budget trains as long (10 slices for 8
+    epochs would be 24 steps: the teacher stays at background)."""
+    return math.ceil(steps / math.ceil(images / batch_size))
+
+
 def stage_settings(settings: TSKDSettings, epochs: int, lr: float, cfg: DictConfig, progress) -> TrainSettings:
     return TrainSettings(epochs=epochs, batch_size=settings.batch_size, lr=lr, weight_decay=cfg.train.weight_decay,
                          seed=cfg.seed, progress=progress, precision=cfg.train.precision)
@@ -227,7 +235,8 @@ def tune_teacher(cfg, inputs: SegmentationInputs, tokens_of, progress, log, ctx:
     task, s = inputs.task, inputs.settings
     segmenter = with_segmenter_lora(inputs.segmenter, s.rank, s.lora_alpha, s.lora_dropout)
     recipe = TeacherTuning(segmenter, s.ce_weight, s.dice_weight)
-    result = fit(recipe, task.train, None, stage_settings(s, s.teacher_epochs, s.teacher_lr, cfg, progress),
+    result = fit(recipe, task.train, None, stage_settings(s, epochs_for_steps(s.teacher_steps, len(task.train), s.batch_size), s.teacher_lr,
+                                    cfg, progress),
                  inputs.run_dir / STAGES_DIR / "teacher", inputs.fingerprint, tokens_of(task.train.images, "train"),
                  resume=cfg.resume, log=log, device=ctx.device, dist=ctx)
     segmenter.eval()
@@ -313,7 +322,8 @@ def run_segmentation(cfg: DictConfig, ctx: DistContext) -> dict:
         with stages("fine_tuning"):
             recipe = SupervisedSegmentation(inputs.student, s.ce_weight, s.dice_weight)
             histories["fine_tuning"] = fit(
-                recipe, task.train, None, stage_settings(s, s.finetune_epochs, s.student_lr, cfg, progress),
+                recipe, task.train, None, stage_settings(s, epochs_for_steps(s.finetune_steps, len(task.train), s.batch_size),
+                                              s.student_lr, cfg, progress),
                 run_dir / STAGES_DIR / "fine_tuning", inputs.fingerprint, resume=cfg.resume, log=log,
                 device=ctx.device, dist=ctx).history
         with stages("test_evaluation", quiet_start=True):
