@@ -12,6 +12,7 @@ from torch import nn
 from medkd.export import export_onnx
 from medkd.export.evaluate import onnx_logits
 from medkd.export.quantize import quantize
+from medkd.export.quantize._common import ranges_cache_supported
 from medkd.export.quantize.inspection import classifier_node
 from medkd.toolchain.errors import UserError
 
@@ -167,14 +168,7 @@ def test_fp16_vit_loads_and_matches(tmp_path):
     np.testing.assert_allclose(onnx_logits(result.path, x), onnx_logits(fp32, x), atol=1e-2)
 
 
-def _ranges_cache_supported() -> bool:
-    import inspect
-
-    from onnxruntime.quantization import quantize_static
-    return "calibration_cache_path" in inspect.signature(quantize_static).parameters
-
-
-@pytest.mark.skipif(not _ranges_cache_supported(), reason="this ONNX Runtime has no calibration cache (needs >= 1.32)")
+@pytest.mark.skipif(not ranges_cache_supported(), reason="this ONNX Runtime has no calibration cache (needs >= 1.32)")
 def test_ranges_cache_calibrates_once_and_later_calls_reuse_it(fp32_onnx, calibration, tmp_path):
     cache = tmp_path / "ranges.json"
     first = quantize("int8-cpu", fp32_onnx, tmp_path / "a.onnx", calibration, "minmax", ranges_cache=cache)

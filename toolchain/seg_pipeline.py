@@ -46,9 +46,9 @@ from .export_stage import deployed_summary, make_segmentation_plan, run_export
 from .features import teacher_features
 from .models.sam_segmenter import (SAM_EMBED_DIM, FoundationSegmenter, build_foundation_segmenter,
                                    with_segmenter_lora)
-from .models.teacher_runtime import runtime_extractor
 from .models.segmenters import build_segmenter
 from .models.students import count_parameters
+from .models.teacher_runtime import runtime_extractor
 from .models.teachers import build_teacher
 from .progress import StageTimer, policy_from_config
 from .provenance import data_digest, source_revision, teacher_weights, write_manifest

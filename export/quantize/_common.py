@@ -40,6 +40,14 @@ def quiet_libraries():
         ort.set_default_logger_severity(2)
 
 
+def ranges_cache_supported() -> bool:
+    """Whether this ONNX Runtime's quantize_static can keep calibrated ranges in a file (>= 1.32)."""
+    import inspect
+
+    from onnxruntime.quantization import quantize_static
+    return "calibration_cache_path" in inspect.signature(quantize_static).parameters
+
+
 def ort_qdq(fp32_onnx: Path, out: Path, calibration: np.ndarray, method: str, nodes_to_exclude: list[str],
             *, signed_activations: bool, ranges_cache: Path | None = None) -> None:
     """ONNX Runtime's static QDQ quantizer: per-channel symmetric int8 weights, activations
@@ -47,17 +55,15 @@ def ort_qdq(fp32_onnx: Path, out: Path, calibration: np.ndarray, method: str, no
 
     ranges_cache: a JSON file of the calibrated tensor ranges, written by the first call and
     read by the next ones (ONNX Runtime >= 1.32; older ones calibrate every time). The ranges
-    do not depend on which nodes are excluded, so the accuracy guard's one-quantization-per-layer
+    do not depend on which nodes are excluded, so the accuracy guard's one-quantization-per-unit
     search calibrates once; the caller keys the file by model, images, method and numerics."""
-    import inspect
-
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     from .calibration import CALIBRATION_METHODS, ArrayReader
 
     ort_method, extra = CALIBRATION_METHODS[method]
     cached = {}
-    if ranges_cache is not None and "calibration_cache_path" in inspect.signature(quantize_static).parameters:
+    if ranges_cache is not None and ranges_cache_supported():
         cached = {"calibration_cache_path": str(ranges_cache)}
     quantize_static(
         str(fp32_onnx), str(out), ArrayReader(input_name(fp32_onnx), calibration),
