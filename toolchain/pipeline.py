@@ -200,11 +200,14 @@ def main_rank_holds(ctx: DistContext, run_dir: Path, cfg: DictConfig, fingerprin
 def run(cfg: DictConfig) -> dict:
     """One build; under torchrun every rank calls this, rank 0 alone writes and returns the report."""
     from .seg_pipeline import SEGMENTATION_RECIPES, run_segmentation
+    from .vlm_pipeline import VLM_RECIPES, run_vlm
 
     ctx = setup(cfg.device)
     try:
         if cfg.recipe.name in SEGMENTATION_RECIPES:  # image + mask data, its own stages
             return run_segmentation(cfg, ctx)
+        if cfg.recipe.name in VLM_RECIPES:  # a vision-language teacher, prompt tuning, its own stages
+            return run_vlm(cfg, ctx)
         return _run(cfg, ctx)
     finally:
         teardown(ctx)

@@ -103,31 +103,40 @@ def slab_of(centres: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(centres[:, 2].astype(np.int64) // SLAB_MM)
 
 
-def plan_centres(volume: MriVolume, seed: int, patch_mm: int = PATCH_MM,
-                 per_class: dict[str, int] | None = None) -> dict[str, np.ndarray]:
-    """Patch centres (n x 3 voxel indices) per split, class-balanced and hemisphere-disjoint."""
-    per_class = per_class or {"train": TRAIN_PER_CLASS, "test": TEST_PER_CLASS}
-    groups = group_volume(volume)
+def side_candidates(volume: MriVolume, groups: np.ndarray, patch_mm: int = PATCH_MM) -> dict[str, np.ndarray]:
+    """Candidate patch centres (n x 3 voxel indices on the CANDIDATE_STRIDE grid, inside a
+    labelled voxel of `groups`) whose whole footprint lies on one side: "train" = the left
+    hemisphere, "test" = the right, MIDLINE_GAP voxel columns apart."""
     candidates = np.argwhere(groups[::CANDIDATE_STRIDE, ::CANDIDATE_STRIDE, ::CANDIDATE_STRIDE] > 0)
     candidates *= CANDIDATE_STRIDE
     first_x = footprint_start(candidates, patch_mm)[:, 0]
     last_x = first_x + patch_mm - 1
     mid, half_gap = midline_index(volume), MIDLINE_GAP // 2
-    on_side = {
-        "train": last_x < mid - half_gap,  # left hemisphere: x < 0 mm in RAS
-        "test": first_x > mid + half_gap,
-    }
+    return {"train": candidates[last_x < mid - half_gap],  # left hemisphere: x < 0 mm in RAS
+            "test": candidates[first_x > mid + half_gap]}
+
+
+def plan_centres(volume: MriVolume, seed: int, patch_mm: int = PATCH_MM,
+                 per_class: dict[str, int] | None = None, groups: np.ndarray | None = None,
+                 names: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Patch centres (n x 3 voxel indices) per split, class-balanced and hemisphere-disjoint.
+
+    groups: per voxel class + 1 (0 = none), default the lobar groups; names: its classes."""
+    per_class = per_class or {"train": TRAIN_PER_CLASS, "test": TEST_PER_CLASS}
+    if groups is None:
+        groups, names = group_volume(volume), GROUPS
+    pools = side_candidates(volume, groups, patch_mm)
     centres = {}
     for split, purpose in (("train", 11), ("test", 12)):
         rng = np.random.default_rng([seed, purpose])
-        pool = candidates[on_side[split]]
+        pool = pools[split]
         pool_groups = groups[tuple(pool.T)]
         chosen = []
-        for group in range(1, len(GROUPS) + 1):
+        for group in range(1, len(names) + 1):
             members = pool[pool_groups == group]
             if len(members) == 0:
                 raise UserError(
-                    f"no {split} patch centres for group {GROUPS[group - 1]}; is this the AAL atlas?"
+                    f"no {split} patch centres for group {names[group - 1]}; is this the AAL atlas?"
                 )
             take = min(per_class[split], len(members))
             chosen.append(members[np.sort(rng.choice(len(members), take, replace=False))])
@@ -146,15 +155,10 @@ def extract_patches(t1: np.ndarray, centres: np.ndarray, patch_mm: int, mirror: 
     return patches[:, :, ::-1] if mirror else patches
 
 
-def build_mri_task(volume: MriVolume, seed: int, image_size: int | None,
-                   patch_mm: int = PATCH_MM) -> tuple[TaskData, dict[str, np.ndarray]]:
-    """The patch task plus the centres behind it (for checks such as spatial disjointness).
-
-    image_size None keeps the patches at patch_mm px (1 px per mm).
-    """
-    image_size = image_size or patch_mm
-    groups = group_volume(volume)
-    centres = plan_centres(volume, seed, patch_mm)
+def patch_sets(volume: MriVolume, centres: dict[str, np.ndarray], groups: np.ndarray, patch_mm: int,
+               image_size: int) -> dict[str, ImageSet]:
+    """The train and test ImageSets of planned centres: label = groups at the centre - 1; the
+    test patches mirrored; the training patches carry their axial slab (spatial_group)."""
     sets = {}
     for split in ("train", "test"):
         patches = extract_patches(volume.t1, centres[split], patch_mm, mirror=split == "test")
@@ -162,6 +166,18 @@ def build_mri_task(volume: MriVolume, seed: int, image_size: int | None,
         labels = torch.from_numpy(groups[tuple(centres[split].T)].astype(np.int64) - 1)
         slabs = slab_of(centres[split]) if split == "train" else None  # only training is split again
         sets[split] = ImageSet(images, labels, spatial_group=slabs)
+    return sets
+
+
+def build_mri_task(volume: MriVolume, seed: int, image_size: int | None,
+                   patch_mm: int = PATCH_MM) -> tuple[TaskData, dict[str, np.ndarray]]:
+    """The patch task plus the centres behind it (for checks such as spatial disjointness).
+
+    image_size None keeps the patches at patch_mm px (1 px per mm).
+    """
+    image_size = image_size or patch_mm
+    centres = plan_centres(volume, seed, patch_mm)
+    sets = patch_sets(volume, centres, group_volume(volume), patch_mm, image_size)
     task = TaskData(
         name="mri",
         train=sets["train"],

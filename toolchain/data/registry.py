@@ -31,6 +31,7 @@ from .ct import load_ct
 from .fashion_mnist import load_fashion_mnist
 from .folder import load_folder
 from .mri import load_mri
+from .mri_regions import load_mri_regions
 from .mri_seg import load_mri_seg
 from .multitask import NAME as MULTITASK
 from .multitask import load_multitask
@@ -44,6 +45,7 @@ from .validate import check_finite, validate_task
 
 LOADERS: dict[str, Callable[[DataConfig], TaskData]] = {
     "mri": load_mri,
+    "mri-regions": load_mri_regions,
     "ct": load_ct,
     "fashion-mnist": load_fashion_mnist,
     "npz": load_npz,

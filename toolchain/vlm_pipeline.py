@@ -1,0 +1,362 @@
+"""`medkd-build recipe=ogkd`: prompt tuning a frozen vision-language model, folded for deployment.
+
+    setup            config, data, the VLM (teacher=lit-vlm | open_clip), base/novel classes,
+                     export plan: every user mistake fails here, before the run directory
+    image_tokens     the frozen image encoder's tokens for every image (cached, teacher.backend)
+    alignment        (teacher=lit-vlm only) its projections and logit scale, trained on every
+                     training image of the base classes and their descriptions (recipes/ogkd.py
+                     Alignment): the demonstration VLM's "pretraining", before any prompt
+    prompt_tuning    the context vectors, on the base classes' few shots (recipe.objective:
+                     ogkd | coop | kd)
+    test_evaluation  base and novel accuracy (each among its own classes) and their harmonic
+                     mean, beside the frozen model's zero-shot accuracy (template ensemble)
+    export           the prompts folded into a linear classifier over every class (base and
+                     novel) after the image encoder (models/vlm.py FoldedPromptClassifier; parity
+                     with the prompt-tuned model checked), through the shared export path
+
+Base-to-novel split: classes in data order, even positions base, odd positions novel, so both
+halves span every lobe of data=mri-regions. recipe.protocol=all trains on every class (few-shot).
+Only base-class images train anything: the alignment stage and the prompts never see a novel
+class's image or description. The novel class NAMES enter the class graph when
+recipe.novel_in_graph (the official code's default), as text only.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import save_file
+
+from medkd.recipes.ogkd import (LOSSES, Alignment, OGKDWeights, PromptLearner, PromptTuning, class_graph,
+                                effective_base_graph)
+
+from .atomic import atomic_save, atomic_write_text
+from .data import load_task
+from .data.base import ImageSet, TaskData
+from .data.region_text import GENERIC_TEMPLATES, descriptions
+from .distributed import DistContext
+from .errors import ConfigError, UserError
+from .export_stage import deployed_summary, make_plan, run_export
+from .features import teacher_features
+from .models.students import count_parameters
+from .models.teacher_runtime import runtime_extractor
+from .models.vlm import FoldedPromptClassifier, build_vlm
+from .progress import StageTimer, policy_from_config
+from .provenance import data_digest, source_revision, write_manifest
+from .report import write_report
+from .rundir import LOG_NAME, STAGES_DIR, check_location
+from .targets import target_summary
+from .train import TrainSettings, fit
+
+VLM_RECIPES = ("ogkd",)
+PROTOCOLS = ("base2novel", "all")
+# Folding is exact algebra: folded and prompt-tuned logits may differ by float rounding only.
+FOLD_TOLERANCE = 1e-5
+
+
+@dataclass(frozen=True)
+class OGKDSettings:
+    weights: OGKDWeights
+    protocol: str
+    shots: int | None
+    n_ctx: int
+    class_specific: bool
+    epochs: int
+    batch_size: int
+    lr: float
+    graph_alpha: float
+    lambda_novel: float
+    novel_in_graph: bool
+    align_epochs: int
+    align_lr: float
+
+
+def ogkd_settings(recipe: DictConfig) -> OGKDSettings:
+    """recipe.* of recipe=ogkd, each value checked (one-line ConfigError)."""
+    def number(key, low=0.0, strict=False, integer=False):
+        value = recipe[key]
+        ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+        ok = ok and not isinstance(value, bool) and (value > low if strict else value >= low)
+        if not ok:
+            kind = "an integer" if integer else "a number"
+            raise ConfigError(f"recipe.{key} must be {kind} {'>' if strict else '>='} {low:g}, got '{value}'")
+        return value
+
+    for key, choices in (("objective", LOSSES), ("protocol", PROTOCOLS)):
+        if recipe[key] not in choices:
+            raise ConfigError(f"recipe.{key} must be one of {', '.join(choices)}, got '{recipe[key]}'")
+    for key in ("class_specific", "novel_in_graph"):
+        if not isinstance(recipe[key], bool):
+            raise ConfigError(f"recipe.{key} must be true or false, got '{recipe[key]}'")
+    if recipe.class_specific and recipe.protocol == "base2novel":
+        raise ConfigError("recipe.class_specific=true learns one context per base class, which cannot serve novel "
+                          "classes; use recipe.protocol=all or class_specific=false")
+    if not 0 < number("top_k_ratio", strict=True) <= 1:
+        raise ConfigError(f"recipe.top_k_ratio must be in (0, 1], got '{recipe.top_k_ratio}'")
+    shots = None if recipe.shots is None else number("shots", 0, strict=True, integer=True)
+    weights = OGKDWeights(loss=recipe.objective, lambda_sccm=float(number("lambda_sccm")),
+                          lambda_gad=float(number("lambda_gad")), lambda_lgd=float(number("lambda_lgd")),
+                          gamma=float(number("gamma")), top_k_ratio=float(recipe.top_k_ratio),
+                          tau=float(number("tau", strict=True)))
+    return OGKDSettings(weights=weights, protocol=recipe.protocol, shots=shots,
+                        n_ctx=number("n_ctx", strict=True, integer=True), class_specific=recipe.class_specific,
+                        epochs=number("epochs", strict=True, integer=True),
+                        batch_size=number("batch_size", strict=True, integer=True),
+                        lr=float(number("lr", strict=True)), graph_alpha=float(number("graph_alpha")),
+                        lambda_novel=float(number("lambda_novel")), novel_in_graph=recipe.novel_in_graph,
+                        align_epochs=number("align_epochs", integer=True),
+                        align_lr=float(number("align_lr", strict=True)))
+
+
+def split_classes(num_classes: int, protocol: str) -> tuple[list[int], list[int]]:
+    """(base, novel) class indices: alternate classes (see the module docstring), or all base."""
+    if protocol == "all":
+        return list(range(num_classes)), []
+    if num_classes < 2:
+        raise UserError(f"recipe.protocol=base2novel needs at least 2 classes, the data set has {num_classes}")
+    return list(range(0, num_classes, 2)), list(range(1, num_classes, 2))
+
+
+def few_shots(labels: torch.Tensor, classes: list[int], shots: int | None) -> torch.Tensor:
+    """Indices of `shots` images per class in `classes` (all when None), evenly spaced through
+    each class's images in data order (spread over the volume), the same for every objective."""
+    chosen = []
+    for cls in classes:
+        members = torch.nonzero(labels == cls).flatten()
+        if shots is not None and len(members) > shots:
+            members = members[torch.linspace(0, len(members) - 1, shots).round().long()]
+        chosen.append(members)
+    return torch.cat(chosen)
+
+
+def remap(labels: torch.Tensor, classes: list[int]) -> torch.Tensor:
+    """Global class ids -> positions in `classes`."""
+    lookup = torch.full((int(labels.max()) + 1,), -1, dtype=torch.long)
+    lookup[torch.tensor(classes)] = torch.arange(len(classes))
+    return lookup[labels]
+
+
+def class_texts(task: TaskData) -> list[list[str]]:
+    """Descriptions of every class: the region templates where the data set knows each class's
+    lobe (data=mri-regions), else the generic ones."""
+    lobes = task.provenance.get("class_lobe") if isinstance(task.provenance, dict) else None
+    if lobes:
+        return [descriptions(name, lobes[name]) for name in task.class_names]
+    return [[template.format(name=name) for template in GENERIC_TEMPLATES] for name in task.class_names]
+
+
+@dataclass
+class VLMInputs:
+    run_dir: Path
+    task: TaskData
+    settings: OGKDSettings
+    vlm: torch.nn.Module
+    base: list[int]
+    novel: list[int]
+    texts: list[list[str]]
+    fingerprint: str
+    plan: object
+
+
+def check_vlm_inputs(cfg: DictConfig, log) -> VLMInputs:
+    from .pipeline import resolve_run_dir, training_fingerprint
+
+    run_dir = resolve_run_dir(cfg)
+    check_location(run_dir)
+    settings = ogkd_settings(cfg.recipe)
+    task = load_task(cfg.data)
+    base, novel = split_classes(task.num_classes, settings.protocol)
+    log(f"data: {task.name}  {len(task.train)} train / {len(task.test)} test  {task.num_classes} classes "
+        f"({len(base)} base, {len(novel)} novel)  {task.in_chans}x{task.image_size}x{task.image_size}")
+    vlm = build_vlm(cfg.teacher)
+    plan = make_plan(cfg, task)
+    return VLMInputs(run_dir, task, settings, vlm, base, novel, class_texts(task), training_fingerprint(cfg), plan)
+
+
+def image_tokens(cfg: DictConfig, inputs: VLMInputs, progress):
+    """tokens(images, split): the frozen image encoder's output, run by teacher.backend and cached."""
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else None
+    extractor = runtime_extractor(inputs.vlm.image_encoder, cfg.teacher.backend, cfg.teacher.precision, cache,
+                                  calibration_images=inputs.task.train.images)
+
+    def tokens(images: torch.Tensor, split: str) -> torch.Tensor:
+        return teacher_features(extractor, images, cache, cfg.train.teacher_batch_size,
+                                desc=f"VLM image tokens ({split})", progress=progress)
+    return tokens
+
+
+@torch.no_grad()
+def text_hidden(vlm, texts: list[list[str]]) -> torch.Tensor:
+    """C x K x Dt: the frozen text encoder's pooled output for every description (lit-vlm)."""
+    flat = [text for per_class in texts for text in per_class]
+    ids, mask = vlm.tokenize(flat)
+    return vlm.text_hidden(vlm.token_embedding(ids), mask).view(len(texts), len(texts[0]), -1)
+
+
+@torch.no_grad()
+def template_features(vlm, texts: list[list[str]]) -> torch.Tensor:
+    """C x K x D normalised: every description through the frozen text side."""
+    flat = [text for per_class in texts for text in per_class]
+    return F.normalize(vlm.encode_texts(flat), dim=-1).view(len(texts), len(texts[0]), -1)
+
+
+def zero_shot_accuracy(features: torch.Tensor, labels: torch.Tensor, templates: torch.Tensor, scale) -> float:
+    prototypes = F.normalize(templates.mean(dim=1), dim=-1)
+    return ((scale * features @ prototypes.t()).argmax(1) == labels).float().mean().item()
+
+
+def harmonic_mean(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None:
+        return None
+    return 0.0 if a + b == 0 else 2 * a * b / (a + b)
+
+
+def run_vlm(cfg: DictConfig, ctx: DistContext) -> dict:
+    from .pipeline import RunLog, main_rank_holds
+
+    if ctx.enabled:
+        raise UserError("recipe=ogkd runs in one process; start it without torchrun")
+    log = RunLog()
+    started = time.perf_counter()
+    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    torch.manual_seed(cfg.seed)
+    progress = policy_from_config(cfg)
+    source = source_revision()
+    stages = StageTimer(log)
+    with stages("setup", quiet_start=True):
+        inputs = check_vlm_inputs(cfg, log)
+    run_dir, task, s, vlm = inputs.run_dir, inputs.task, inputs.settings, inputs.vlm
+    base, novel = inputs.base, inputs.novel
+
+    with main_rank_holds(ctx, run_dir, cfg, inputs.fingerprint):
+        log.attach(run_dir / LOG_NAME)
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
+        log(f"run directory: {run_dir}  (recipe=ogkd objective={s.weights.loss} protocol={s.protocol})")
+        base_train = few_shots(task.train.labels, base, None)
+        base_set = ImageSet(task.train.images[base_train], remap(task.train.labels[base_train], base))
+        shots = few_shots(base_set.labels, list(range(len(base))), s.shots)
+        train = base_set.subset(shots)
+        with stages("image_tokens"):
+            tokens_of = image_tokens(cfg, inputs, progress)
+            base_tokens = tokens_of(base_set.images, "train, base classes")
+            train_tokens = base_tokens[shots]
+            test_tokens = tokens_of(task.test.images, "test")
+        alignment = None
+        if vlm.needs_alignment:
+            with stages("alignment"):
+                alignment = align(cfg, inputs, base_set, base_tokens, progress, log)
+        vlm.freeze()
+        scale = vlm.logit_scale.exp()
+        templates = template_features(vlm, inputs.texts)  # every class: the teacher and the graph
+        graph = class_graph(templates.mean(dim=1), s.graph_alpha)
+        if s.novel_in_graph:
+            graph = effective_base_graph(graph, torch.tensor(base), s.lambda_novel)
+        else:
+            graph = class_graph(templates[base].mean(dim=1), s.graph_alpha)
+        with stages("prompt_tuning"):
+            learner = PromptLearner(vlm, [task.class_names[c] for c in base], s.n_ctx, s.class_specific)
+            recipe = PromptTuning(vlm, learner, templates[base], graph, s.weights)
+            settings = TrainSettings(epochs=s.epochs, batch_size=s.batch_size, lr=s.lr,
+                                     weight_decay=cfg.train.weight_decay, seed=cfg.seed, progress=progress)
+            history = fit(recipe, train, None, settings, run_dir / STAGES_DIR / "prompt_tuning", inputs.fingerprint,
+                          vlm.image_features(train_tokens), resume=cfg.resume, log=log).history
+        with stages("test_evaluation", quiet_start=True):
+            scores = evaluate(inputs, recipe, vlm.image_features(test_tokens)[:, 0], templates, scale)
+            log("test accuracy: " + ", ".join(f"{k} {v:.4f}" for k, v in scores["prompt_tuned"].items()
+                                              if v is not None))
+        with stages("fold"):
+            folded, fold_report = fold(inputs, recipe)
+        atomic_save(run_dir / "prompts.safetensors",
+                    lambda tmp: save_file({"ctx": learner.ctx.detach().contiguous()}, str(tmp)))
+        with stages("export"):
+            export = run_export(cfg, run_dir, task, {"model": folded}, inputs.plan, log, progress)
+        report = {
+            "run": {"recipe": "ogkd", "objective": s.weights.loss, "protocol": s.protocol, "run_dir": str(run_dir),
+                    "seed": cfg.seed, "wall_time_s": round(time.perf_counter() - started, 1),
+                    "stage_seconds": dict(stages.seconds), "started_at": started_at,
+                    "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")},
+            "data": {"name": task.name, "train": len(task.train), "test": len(task.test),
+                     "num_classes": task.num_classes, "class_names": task.class_names,
+                     "base_classes": [task.class_names[c] for c in base],
+                     "novel_classes": [task.class_names[c] for c in novel], "shots_per_class": s.shots,
+                     "prompt_tuning_images": len(train),
+                     "image_shape": [task.in_chans, task.image_size, task.image_size], "provenance": task.provenance},
+            "teacher": {**OmegaConf.to_container(cfg.teacher), "alignment": alignment,
+                        "demonstration_vlm": vlm.needs_alignment},
+            "training": {"settings": OmegaConf.to_container(cfg.recipe), "history": history,
+                         "trainable_parameters": learner.ctx.numel(), "class_graph_novel_names": s.novel_in_graph},
+            "vlm": {"test": scores, "fold": fold_report, "deployed_classes": len(task.class_names)},
+            "student": {"name": "folded prompt classifier (VLM image encoder + linear)",
+                        "parameters": count_parameters(folded)},
+            "export": export,
+            "target": target_summary(cfg.target, export),
+            "provenance": {"medkd_source": source, "data": data_digest(task),
+                           "manifest": "manifest.sha256 (check with: medkd-verify RUN_DIR)"},
+        }
+        md_path, _ = write_report(run_dir, report)
+        log(f"{deployed_summary(export)}; report: {md_path}")
+        write_manifest(run_dir)
+        return report
+
+
+def align(cfg: DictConfig, inputs: VLMInputs, train: ImageSet, train_tokens: torch.Tensor, progress, log) -> dict:
+    """The lit-vlm projections on base-class images and their descriptions; saved to the run."""
+    s, vlm = inputs.settings, inputs.vlm
+    recipe = Alignment(vlm, text_hidden(vlm, [inputs.texts[c] for c in inputs.base]))
+    settings = TrainSettings(epochs=s.align_epochs, batch_size=s.batch_size, lr=s.align_lr,
+                             weight_decay=cfg.train.weight_decay, seed=cfg.seed, progress=progress)
+    history = fit(recipe, train, None, settings, inputs.run_dir / STAGES_DIR / "alignment", inputs.fingerprint,
+                  train_tokens, resume=cfg.resume, log=log).history
+    weights = {"image_projection": vlm.image_projection.weight, "text_projection": vlm.text_projection.weight,
+               "logit_scale": vlm.logit_scale.detach().reshape(1)}
+    atomic_save(inputs.run_dir / "vlm_alignment.safetensors",
+                lambda tmp: save_file({k: v.detach().contiguous() for k, v in weights.items()}, str(tmp)))
+    return {"history": history, "images": len(train), "classes": len(inputs.base),
+            "weights": "vlm_alignment.safetensors", "logit_scale": float(vlm.logit_scale.exp())}
+
+
+@torch.no_grad()
+def evaluate(inputs: VLMInputs, recipe: PromptTuning, test_features: torch.Tensor, templates: torch.Tensor,
+             scale) -> dict:
+    """Accuracy on base and novel test images, each among its own classes; zero-shot beside it."""
+    task, vlm = inputs.task, inputs.vlm
+    learner = recipe.student
+    result = {"prompt_tuned": {}, "zero_shot": {}}
+    for split, classes in (("base", inputs.base), ("novel", inputs.novel)):
+        rows = torch.isin(task.test.labels, torch.tensor(classes, dtype=torch.long))
+        if not classes or not rows.any():
+            result["prompt_tuned"][split] = result["zero_shot"][split] = None
+            continue
+        labels = remap(task.test.labels[rows], classes)
+        prompts = learner if classes == inputs.base else learner.for_classes(vlm, [task.class_names[c]
+                                                                                    for c in classes])
+        text = F.normalize(vlm.encode_text_embeddings(prompts(), prompts.ids, prompts.mask), dim=-1)
+        result["prompt_tuned"][split] = ((scale * test_features[rows] @ text.t()).argmax(1) == labels).float().mean().item()
+        result["zero_shot"][split] = zero_shot_accuracy(test_features[rows], labels, templates[classes], scale)
+    for kind in result.values():
+        kind["harmonic_mean"] = harmonic_mean(kind["base"], kind["novel"])
+    return result
+
+
+@torch.no_grad()
+def fold(inputs: VLMInputs, recipe: PromptTuning) -> tuple[torch.nn.Module, dict]:
+    """The deployable classifier over every class, and its parity with the prompt-tuned model."""
+    task, vlm, learner = inputs.task, inputs.vlm, recipe.student
+    prompts = learner if not inputs.novel else learner.for_classes(vlm, task.class_names)
+    text = vlm.encode_text_embeddings(prompts(), prompts.ids, prompts.mask)
+    folded = FoldedPromptClassifier(vlm.image_encoder, vlm.image_projection, text, float(vlm.logit_scale)).eval()
+    images = task.test.images[torch.linspace(0, len(task.test) - 1, min(16, len(task.test))).long()]
+    reference = vlm.logit_scale.exp() * vlm.image_features(vlm.image_encoder(images))[:, 0] @ F.normalize(text, dim=-1).t()
+    diff = float((folded(images) - reference).abs().max())
+    if not math.isfinite(diff) or diff > FOLD_TOLERANCE * max(1.0, float(reference.abs().max())):
+        raise UserError(f"folded logits differ from the prompt-tuned model's by {diff:.3g}; report this as a bug")
+    return folded, {"max_abs_diff": diff, "images": len(images), "classes": len(task.class_names)}
