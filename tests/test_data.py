@@ -51,7 +51,7 @@ def raises_user_error(cfg, *fragments: str, error=UserError) -> str:
 
 
 def test_registry_lists_the_datasets():
-    assert available_datasets() == ["ct", "fashion-mnist", "folder", "mri", "mri-seg", "multitask", "npz",
+    assert available_datasets() == ["ct", "fashion-mnist", "folder", "mri", "mri-regions", "mri-seg", "multitask", "npz",
                                     "seg-folder", "seg-npz"]
 
 

@@ -46,6 +46,8 @@ def test_ogkd_aligns_tunes_prompts_folds_and_exports(tiny, tmp_path):
     model = report["export"]["models"]["model"]
     assert model["formats"]["onnx"]["parity"]["top1_agreement"] >= 0.999
     assert (run_dir / model["deployed_file"]).is_file() and 0 <= model["test_metric"]["fp32"] <= 1
+    markdown = (run_dir / "report.md").read_text()
+    assert "| prompt-tuned |" in markdown and "Harmonic mean" in markdown and "demonstration VLM" in markdown
     assert verify([str(run_dir)]) == 0
     resumed = run(load_config(tiny("data.image_size=32", "teacher.input_size=32", "resume=true")))
     assert resumed["vlm"]["test"] == scores  # nothing trains again

@@ -50,6 +50,11 @@ non-finite floats are written as the strings "NaN"/"Infinity"/"-Infinity")::
 
 Accuracies are fractions in [0, 1] and shown as percentages in the markdown.
 
+Two kinds of build have sections of their own, and their own markdown: a segmentation build
+(``segmentation``: test Dice/HD95 per class, overlays; toolchain/seg_pipeline.py) and a
+prompt-tuning build (``vlm``: base/novel/harmonic-mean accuracy, prompt-tuned and zero-shot,
+and the folding parity; toolchain/vlm_pipeline.py).
+
 Also accepted (the spelling ``toolchain/pipeline.py`` uses), each only where the key
 above is absent: ``run.seed``; ``student.name`` / ``student.parameters``;
 ``training.test_accuracy`` (student) and ``training.teacher_test_accuracy``;
@@ -330,6 +335,13 @@ def _firmware_line(firmware) -> str:
     )
 
 
+def _stage_losses(histories: dict) -> list[str]:
+    """One row per training stage: epochs, first and last loss."""
+    return _table(["Stage", "Epochs", "First loss", "Last loss"],
+                  [[stage, _int(len(h)), _num(h[0].get("loss")), _num(h[-1].get("loss"))]
+                   for stage, h in histories.items() if isinstance(h, list) and h])
+
+
 def render_segmentation_markdown(report: dict) -> str:
     """The human-readable report of a segmentation build (toolchain/seg_pipeline.py)."""
     run, data, teacher, student = (_sec(report, s) for s in ("run", "data", "teacher", "student"))
@@ -365,9 +377,7 @@ def render_segmentation_markdown(report: dict) -> str:
     histories = training.get("histories") if isinstance(training.get("histories"), dict) else {}
     if teacher.get("history"):
         histories = {"teacher_tuning": teacher["history"], **histories}
-    out += _table(["Stage", "Epochs", "First loss", "Last loss"],
-                  [[stage, _int(len(h)), _num(h[0].get("loss")), _num(h[-1].get("loss"))]
-                   for stage, h in histories.items() if isinstance(h, list) and h])
+    out += _stage_losses(histories)
     out += _render_deployment(_sec(report, "export"), _sec(report, "target"), _sec(report, "target").get("name"))
     out += ["", "## Provenance", "",
             f"- Data source: {_txt(provenance.get('source'))}",
@@ -380,10 +390,57 @@ def render_segmentation_markdown(report: dict) -> str:
     return "\n".join(out)
 
 
+def render_vlm_markdown(report: dict) -> str:
+    """The human-readable report of a prompt-tuning build (toolchain/vlm_pipeline.py)."""
+    run, data, teacher, student = (_sec(report, s) for s in ("run", "data", "teacher", "student"))
+    vlm, training = _sec(report, "vlm"), _sec(report, "training")
+    provenance = data.get("provenance") if isinstance(data.get("provenance"), dict) else {}
+    test = vlm.get("test") if isinstance(vlm.get("test"), dict) else {}
+    fold = vlm.get("fold") if isinstance(vlm.get("fold"), dict) else {}
+    demo = " (embedded demonstration VLM, not a pretrained biomedical CLIP)" if teacher.get("demonstration_vlm") else ""
+    out = [f"# medkd run report: {_txt(run.get('recipe'))} (objective {_txt(run.get('objective'))}, "
+           f"{_txt(run.get('protocol'))}) on {_txt(data.get('name'))}",
+           "",
+           f"- VLM: {_txt(teacher.get('name'))}{demo}",
+           f"- Deployed: {_txt(student.get('name'))} ({_parameters(student.get('parameters'))} parameters), "
+           f"{_txt(vlm.get('deployed_classes'))} classes",
+           f"- Trained: {_int(training.get('trainable_parameters'))} context parameters on "
+           f"{_txt(data.get('prompt_tuning_images'))} images ({_txt(data.get('shots_per_class'))} per base class)",
+           f"- Run folder: {_txt(run.get('run_dir'))}",
+           f"- Wall time: {_txt(run.get('wall_time_s'))} s ({_txt(run.get('stage_seconds'))})",
+           "", "## Test accuracy (each split among its own classes)", ""]
+    rows = []
+    for kind, label in (("prompt_tuned", "prompt-tuned"), ("zero_shot", "zero-shot (frozen VLM)")):
+        scores = test.get(kind) if isinstance(test.get(kind), dict) else {}
+        rows.append([label, _num(scores.get("base")), _num(scores.get("novel")), _num(scores.get("harmonic_mean"))])
+    out += _table(["Model", f"Base ({len(data.get('base_classes') or [])} classes)",
+                   f"Novel ({len(data.get('novel_classes') or [])} classes)", "Harmonic mean"], rows)
+    out += ["", f"Folding: the prompts as a linear classifier over every class; largest logit difference to "
+                f"the prompt-tuned model {_num(fold.get('max_abs_diff'))} on {_txt(fold.get('images'))} test images. "
+                "The deployment tables below score all classes at once, so they differ from the table above."]
+    history = training.get("history") if isinstance(training.get("history"), list) else []
+    alignment = teacher.get("alignment") if isinstance(teacher.get("alignment"), dict) else None
+    stages = {"alignment": alignment.get("history")} if alignment else {}
+    stages["prompt_tuning"] = history
+    out += ["", "## Training", ""]
+    out += _stage_losses(stages)
+    out += _render_deployment(_sec(report, "export"), _sec(report, "target"), _sec(report, "target").get("name"))
+    out += ["", "## Provenance", "",
+            f"- Data source: {_txt(provenance.get('source'))}",
+            f"- Split rule: {_txt(provenance.get('split_rule'))}",
+            f"- Base classes: {_txt(data.get('base_classes'))}",
+            f"- Novel classes: {_txt(data.get('novel_classes'))}",
+            f"- Novel class names in the class graph: {_txt(training.get('class_graph_novel_names'))}",
+            *_source_lines(_sec(report, "provenance")), ""]
+    return "\n".join(out)
+
+
 def render_markdown(report: dict) -> str:
     """The human-readable report for `report` (see the module docstring for the schema)."""
     if isinstance(report.get("segmentation"), dict):
         return render_segmentation_markdown(report)
+    if isinstance(report.get("vlm"), dict):
+        return render_vlm_markdown(report)
     run, data, teacher, student = (_sec(report, s) for s in ("run", "data", "teacher", "student"))
     training, export, target = (_sec(report, s) for s in ("training", "export", "target"))
     provenance = data.get("provenance") if isinstance(data.get("provenance"), dict) else {}
