@@ -13,6 +13,8 @@ accuracy (the deployed ONNX's all-class test accuracy is kept too).
     python bench/ogkd.py                        # objectives ogkd coop kd, seeds 0-2
     python bench/ogkd.py --seeds 0              # one look
     python bench/ogkd.py --resume               # add the missing runs to bench/results/ogkd.json
+    python bench/ogkd.py --seeds 0 --override recipe.lr=0.02 --output bench/results/ogkd_lr0.02.json
+                                                # a setting to compare on the validation accuracy
 
 Prints a table (test accuracy on base classes, on novel classes, their harmonic mean; mean
 ± std over seeds; the frozen VLM's zero-shot accuracy beside it) and writes
@@ -59,6 +61,7 @@ def parse_args(argv=None):
 def row_from_report(report: dict) -> dict:
     scores = report["vlm"]["test"]
     return {"prompt_tuned": scores["prompt_tuned"], "zero_shot": scores["zero_shot"],
+            "validation": report["vlm"]["validation"],
             "deployed_all_class_accuracy": report["export"]["models"]["model"]["test_metric"]["fp32"],
             "classes": {"base": len(report["data"]["base_classes"]), "novel": len(report["data"]["novel_classes"])},
             "stage_seconds": report["run"]["stage_seconds"], "wall_s": report["run"]["wall_time_s"]}

@@ -66,6 +66,7 @@ class OGKDSettings:
     weights: OGKDWeights
     protocol: str
     shots: int | None
+    val_per_class: int
     n_ctx: int
     class_specific: bool
     epochs: int
@@ -106,6 +107,7 @@ def ogkd_settings(recipe: DictConfig) -> OGKDSettings:
                           gamma=float(number("gamma")), top_k_ratio=float(recipe.top_k_ratio),
                           tau=float(number("tau", strict=True)))
     return OGKDSettings(weights=weights, protocol=recipe.protocol, shots=shots,
+                        val_per_class=number("val_per_class", integer=True),
                         n_ctx=number("n_ctx", strict=True, integer=True), class_specific=recipe.class_specific,
                         epochs=number("epochs", strict=True, integer=True),
                         batch_size=number("batch_size", strict=True, integer=True),
@@ -134,6 +136,29 @@ def few_shots(labels: torch.Tensor, classes: list[int], shots: int | None) -> to
             members = members[torch.linspace(0, len(members) - 1, shots).round().long()]
         chosen.append(members)
     return torch.cat(chosen)
+
+
+def training_side_split(labels: torch.Tensor, classes: int, shots: int | None,
+                        val_per_class: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(shots, validation, aligned) indices into the base classes' training images: the shots
+    train the prompts; `val_per_class` other images per class, evenly spaced, choose settings
+    (never the test split); the alignment stage (lit-vlm) trains on everything but validation."""
+    every = torch.arange(len(labels))
+    chosen = few_shots(labels, list(range(classes)), shots)
+    rest = every[~torch.isin(every, chosen)]
+    validation = rest[few_shots(labels[rest], list(range(classes)), val_per_class)] if val_per_class else rest[:0]
+    return chosen, validation, every[~torch.isin(every, validation)]
+
+
+@torch.no_grad()
+def validation_accuracy(recipe: PromptTuning, features: torch.Tensor, labels: torch.Tensor,
+                        templates: torch.Tensor, scale) -> dict:
+    """Base-class accuracy of the tuned prompts (and of zero-shot) on the validation images."""
+    if not len(labels):
+        return {}
+    logits = scale * features @ recipe.text_features().t()
+    return {"base": (logits.argmax(1) == labels).float().mean().item(),
+            "zero_shot_base": zero_shot_accuracy(features, labels, templates, scale)}
 
 
 def remap(labels: torch.Tensor, classes: list[int]) -> torch.Tensor:
@@ -243,17 +268,16 @@ def run_vlm(cfg: DictConfig, ctx: DistContext) -> dict:
         log(f"run directory: {run_dir}  (recipe=ogkd objective={s.weights.loss} protocol={s.protocol})")
         base_train = few_shots(task.train.labels, base, None)
         base_set = ImageSet(task.train.images[base_train], remap(task.train.labels[base_train], base))
-        shots = few_shots(base_set.labels, list(range(len(base))), s.shots)
+        shots, validation, aligned = training_side_split(base_set.labels, len(base), s.shots, s.val_per_class)
         train = base_set.subset(shots)
         with stages("image_tokens"):
             tokens_of = image_tokens(cfg, inputs, progress)
             base_tokens = tokens_of(base_set.images, "train, base classes")
-            train_tokens = base_tokens[shots]
             test_tokens = tokens_of(task.test.images, "test")
         alignment = None
         if vlm.needs_alignment:
             with stages("alignment"):
-                alignment = align(cfg, inputs, base_set, base_tokens, progress, log)
+                alignment = align(cfg, inputs, base_set.subset(aligned), base_tokens[aligned], progress, log)
         vlm.freeze()
         scale = vlm.logit_scale.exp()
         templates = template_features(vlm, inputs.texts)  # every class: the teacher and the graph
@@ -268,8 +292,13 @@ def run_vlm(cfg: DictConfig, ctx: DistContext) -> dict:
             settings = TrainSettings(epochs=s.epochs, batch_size=s.batch_size, lr=s.lr,
                                      weight_decay=cfg.train.weight_decay, seed=cfg.seed, progress=progress)
             history = fit(recipe, train, None, settings, run_dir / STAGES_DIR / "prompt_tuning", inputs.fingerprint,
-                          vlm.image_features(train_tokens), resume=cfg.resume, log=log).history
+                          vlm.image_features(base_tokens[shots]), resume=cfg.resume, log=log).history
         with stages("test_evaluation", quiet_start=True):
+            checked = validation_accuracy(recipe, vlm.image_features(base_tokens[validation])[:, 0],
+                                          base_set.labels[validation], templates[base], scale)
+            if checked:
+                log("validation accuracy (base classes, training side): " +
+                    ", ".join(f"{k} {v:.4f}" for k, v in checked.items()))
             scores = evaluate(inputs, recipe, vlm.image_features(test_tokens)[:, 0], templates, scale)
             log("test accuracy: " + ", ".join(f"{k} {v:.4f}" for k, v in scores["prompt_tuned"].items()
                                               if v is not None))
@@ -288,13 +317,14 @@ def run_vlm(cfg: DictConfig, ctx: DistContext) -> dict:
                      "num_classes": task.num_classes, "class_names": task.class_names,
                      "base_classes": [task.class_names[c] for c in base],
                      "novel_classes": [task.class_names[c] for c in novel], "shots_per_class": s.shots,
+                     "validation_per_class": s.val_per_class,
                      "prompt_tuning_images": len(train),
                      "image_shape": [task.in_chans, task.image_size, task.image_size], "provenance": task.provenance},
             "teacher": {**OmegaConf.to_container(cfg.teacher), "alignment": alignment,
                         "demonstration_vlm": vlm.needs_alignment},
             "training": {"settings": OmegaConf.to_container(cfg.recipe), "history": history,
                          "trainable_parameters": learner.ctx.numel(), "class_graph_novel_names": s.novel_in_graph},
-            "vlm": {"test": scores, "fold": fold_report, "deployed_classes": len(task.class_names)},
+            "vlm": {"validation": {**checked, "images": len(validation)}, "test": scores, "fold": fold_report, "deployed_classes": len(task.class_names)},
             "student": {"name": "folded prompt classifier (VLM image encoder + linear)",
                         "parameters": count_parameters(folded)},
             "export": export,
