@@ -12,7 +12,7 @@ from medkd.toolchain.config import load_config
 from medkd.toolchain.data import load_task
 from medkd.toolchain.pipeline import run
 from medkd.toolchain.verify_cli import main as verify
-from medkd.toolchain.vlm_pipeline import few_shots, remap, split_classes
+from medkd.toolchain.vlm_pipeline import few_shots, remap, split_classes, training_side_split
 
 TINY = ["recipe=ogkd", "data.max_train=204", "data.max_test=102", "recipe.shots=2", "recipe.epochs=2",
         "recipe.align_epochs=2", "recipe.batch_size=16", "progress=false", "export.precision=fp32",
@@ -37,6 +37,7 @@ def test_ogkd_aligns_tunes_prompts_folds_and_exports(tiny, tmp_path):
     assert len(data["base_classes"]) + len(data["novel_classes"]) == data["num_classes"] > 40
     assert not set(data["base_classes"]) & set(data["novel_classes"])
     assert data["prompt_tuning_images"] == 2 * len(data["base_classes"])
+    assert report["vlm"]["validation"]["images"] > 0 and 0 <= report["vlm"]["validation"]["base"] <= 1
     scores = report["vlm"]["test"]
     for kind in ("prompt_tuned", "zero_shot"):
         assert all(0 <= scores[kind][k] <= 1 for k in ("base", "novel", "harmonic_mean"))
@@ -86,6 +87,17 @@ def test_base_and_novel_classes_alternate_and_shots_are_spread_through_each_clas
     assert few_shots(labels, [0, 2], 3).tolist() == [0, 4, 8, 7]  # first, middle, last of class 0
     assert few_shots(labels, [1], None).tolist() == [1, 3, 5]
     assert remap(torch.tensor([4, 0, 2]), [0, 2, 4]).tolist() == [2, 0, 1]
+
+
+def test_validation_images_are_neither_shots_nor_aligned_on():
+    labels = torch.arange(3).repeat_interleave(10)  # 3 classes x 10 images
+    shots, validation, aligned = training_side_split(labels, 3, shots=4, val_per_class=3)
+    assert len(shots) == 12 and len(validation) == 9 and len(aligned) == 21
+    assert not set(validation.tolist()) & set(shots.tolist())
+    assert not set(validation.tolist()) & set(aligned.tolist())
+    assert set(shots.tolist()) <= set(aligned.tolist())
+    assert torch.bincount(labels[validation]).tolist() == [3, 3, 3]
+    assert len(training_side_split(labels, 3, shots=4, val_per_class=0)[1]) == 0
 
 
 def test_mri_regions_merges_hemispheres_and_keeps_train_and_test_apart():
