@@ -213,16 +213,32 @@ def run(cfg: DictConfig) -> dict:
         teardown(ctx)
 
 
-def _run(cfg: DictConfig, ctx: DistContext) -> dict:
-    log = RunLog() if ctx.is_main else (lambda line: None)
+@dataclass
+class RunStart:
+    """What every build kind (classification, segmentation, prompt tuning) sets up first."""
+
+    started: float  # time.perf_counter() at the start
+    started_at: str  # ISO 8601, UTC
+    progress: object  # the progress policy
+    source: dict  # the code as it was when the build started
+    stages: StageTimer
+
+
+def start_run(cfg: DictConfig, log) -> RunStart:
+    """Threads and seed from the config, the clock, the progress policy and the source revision."""
     started = time.perf_counter()
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     torch.manual_seed(cfg.seed)
-    progress = policy_from_config(cfg)
-    source = source_revision()  # the code as it was when the build started
-    stages = StageTimer(log)
+    return RunStart(started, started_at, policy_from_config(cfg), source_revision(), StageTimer(log))
+
+
+def _run(cfg: DictConfig, ctx: DistContext) -> dict:
+    log = RunLog() if ctx.is_main else (lambda line: None)
+    begun = start_run(cfg, log)
+    started, started_at, progress, source, stages = (begun.started, begun.started_at, begun.progress,
+                                                     begun.source, begun.stages)
 
     # 1. Everything that can fail on user input, before any file is written.
     with stages("setup", quiet_start=True):

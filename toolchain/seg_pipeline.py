@@ -50,8 +50,7 @@ from .models.segmenters import build_segmenter
 from .models.students import count_parameters
 from .models.teacher_runtime import runtime_extractor
 from .models.teachers import build_teacher
-from .progress import StageTimer, policy_from_config
-from .provenance import data_digest, source_revision, teacher_weights, write_manifest
+from .provenance import data_digest, teacher_weights, write_manifest
 from .report import write_report
 from .rundir import LOG_NAME, OVERLAYS_DIR, STAGES_DIR, check_location
 from .seg_metrics import segmentation_scores
@@ -280,19 +279,14 @@ def teacher_targets(inputs: SegmentationInputs, tokens_of, with_masks: bool, bat
 
 
 def run_segmentation(cfg: DictConfig, ctx: DistContext) -> dict:
-    from .pipeline import RunLog, main_rank_holds
+    from .pipeline import RunLog, main_rank_holds, start_run
 
     if ctx.enabled:
         raise UserError("recipe=tskd runs in one process; start it without torchrun")
     log = RunLog()
-    started = time.perf_counter()
-    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    if cfg.threads:
-        torch.set_num_threads(int(cfg.threads))
-    torch.manual_seed(cfg.seed)
-    progress = policy_from_config(cfg)
-    source = source_revision()
-    stages = StageTimer(log)
+    begun = start_run(cfg, log)
+    started, started_at, progress, source, stages = (begun.started, begun.started_at, begun.progress,
+                                                     begun.source, begun.stages)
     with stages("setup", quiet_start=True):
         inputs = check_segmentation_inputs(cfg, log)
     run_dir, task, s = inputs.run_dir, inputs.task, inputs.settings

@@ -48,8 +48,7 @@ from .features import teacher_features
 from .models.students import count_parameters
 from .models.teacher_runtime import runtime_extractor
 from .models.vlm import FoldedPromptClassifier, build_vlm
-from .progress import StageTimer, policy_from_config
-from .provenance import data_digest, source_revision, write_manifest
+from .provenance import data_digest, write_manifest
 from .report import write_report
 from .rundir import LOG_NAME, STAGES_DIR, check_location
 from .targets import target_summary
@@ -244,19 +243,14 @@ def harmonic_mean(a: float | None, b: float | None) -> float | None:
 
 
 def run_vlm(cfg: DictConfig, ctx: DistContext) -> dict:
-    from .pipeline import RunLog, main_rank_holds
+    from .pipeline import RunLog, main_rank_holds, start_run
 
     if ctx.enabled:
         raise UserError("recipe=ogkd runs in one process; start it without torchrun")
     log = RunLog()
-    started = time.perf_counter()
-    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    if cfg.threads:
-        torch.set_num_threads(int(cfg.threads))
-    torch.manual_seed(cfg.seed)
-    progress = policy_from_config(cfg)
-    source = source_revision()
-    stages = StageTimer(log)
+    begun = start_run(cfg, log)
+    started, started_at, progress, source, stages = (begun.started, begun.started_at, begun.progress,
+                                                     begun.source, begun.stages)
     with stages("setup", quiet_start=True):
         inputs = check_vlm_inputs(cfg, log)
     run_dir, task, s, vlm = inputs.run_dir, inputs.task, inputs.settings, inputs.vlm
