@@ -10,6 +10,9 @@
                                                # and report shared memory / pipelining / MMA
     python bench/kernels.py --list-lorkd-shapes  # no GPU: print the expert-layer shapes that
                                                # recipe=lorkd's default student produces
+    python bench/kernels.py --tune           # GPU: time candidate tiles of the expert
+                                               # linear's forward and backward kernels at
+                                               # LoRKD's shapes; write the winners
 
 What is timed (milliseconds, median of triton.testing.do_bench):
 
@@ -31,7 +34,15 @@ Goals (reported, not asserted): fused expert linear <= 1.15x the dense floor and
 >= 1.5x faster than eager; fused CKA >= 2x faster than eager.
 
 Results go to bench/results/kernels-<gpu-name-slug>.json (device, versions, every
-case's times, ratios and goal verdicts). Without a CUDA GPU nothing is written.
+case's times, ratios, goal verdicts and the tiles the kernels ran with). Without a CUDA GPU
+nothing is written.
+
+Tuning (--tune): every candidate in TUNE_CANDIDATES, per kernel (forward, backward) and
+dtype, is checked against the current tiles' output and timed at every LoRKD shape; the
+score is the time of one training step's calls (each shape's time x its layer count).
+bench/results/kernels-tune-<gpu-name-slug>.json holds every score and, under "best", the
+winners: copy them into GPU_TILES in kernels/lowrank_expert_linear.py, or point
+MEDKD_KERNEL_TILES at the file to use them without editing the code.
 """
 
 from __future__ import annotations
@@ -58,6 +69,14 @@ LOWRANK_SHAPES = [(4096, 768, 8, 4), (16384, 768, 16, 8), (4096, 1024, 16, 8), (
 # (n, d_student, d_teacher)
 CKA_SHAPES = [(4096, 192, 192), (16384, 192, 384), (4096, 768, 768), (16384, 1024, 1024)]
 DTYPES = ["bfloat16", "float16", "float32"]
+# --tune: (block_m, block_n, block_k, num_warps, num_stages); the untuned defaults
+# (64, 64, 32, 4, 3) and (64, 128, 64, 4, 3) are among them, and small tiles, since LoRKD's
+# layers are narrow (8..1024 channels). float16 takes bfloat16's winner.
+TUNE_CANDIDATES = [
+    (16, 32, 32, 2, 2), (32, 32, 32, 2, 2), (32, 64, 32, 4, 3), (64, 32, 32, 4, 3),
+    (64, 64, 32, 4, 3), (64, 64, 64, 4, 3), (64, 128, 64, 4, 3), (128, 128, 32, 8, 3),
+]
+TUNE_DTYPES = ["float32", "bfloat16"]
 # Max |fused - eager| / max |eager| accepted by the pre-timing sanity check.
 CHECK_TOL = {"float32": 1e-3, "float16": 1e-2, "bfloat16": 5e-2}
 
@@ -121,11 +140,17 @@ def parse_args(argv=None):
                       help="compile the kernels for sm_80 and sm_90 (no GPU needed)")
     mode.add_argument("--list-lorkd-shapes", action="store_true",
                       help="print the expert-linear shapes of recipe=lorkd's default student and exit")
+    mode.add_argument("--tune", action="store_true",
+                      help="time candidate tiles of the expert linear's kernels at LoRKD's shapes (GPU)")
     p.add_argument("--lorkd-student", default="mobilenetv3",
                    help="student whose LoRKD expert shapes are timed / listed (bench/lorkd.py's default)")
     p.add_argument("--shapes", choices=["all", "synthetic", "lorkd"], default="all",
                    help="expert-linear shapes to time: square synthetic ones, LoRKD's own, or both")
     p.add_argument("--quick", action="store_true", help="one shape per op, bfloat16 only")
+    p.add_argument("--kernels", nargs="+", choices=["fwd", "bwd"], default=["fwd", "bwd"],
+                   help="--tune: which of the expert linear's kernels to tune")
+    p.add_argument("--dtypes", nargs="+", choices=DTYPES, default=None,
+                   help=f"dtypes to time (default: {' '.join(DTYPES)}; --tune: {' '.join(TUNE_DTYPES)})")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     p.add_argument("--out", type=Path, default=None, help="results file (default: bench/results/...)")
     return p.parse_args(argv)
@@ -240,6 +265,17 @@ def ratio(num, den):
     return None if num is None or den is None else num / den
 
 
+def lowrank_tiles(dtype_name: str, rank: int) -> dict:
+    """The tiles each expert-linear kernel launches with on a GPU for this dtype and rank."""
+    import dataclasses
+    import importlib
+
+    import torch
+
+    mod = importlib.import_module("medkd.kernels.lowrank_expert_linear")
+    return {k: dataclasses.asdict(mod.gpu_tiles(k, getattr(torch, dtype_name), rank)) for k in mod.KERNELS}
+
+
 def bench_lowrank(shapes, dtypes, device, on_gpu, use_compile):
     rows = []
     for dtype_name in dtypes:
@@ -253,6 +289,7 @@ def bench_lowrank(shapes, dtypes, device, on_gpu, use_compile):
                 "op": "lowrank_expert_linear", "dtype": dtype_name,
                 "n": n, "d_in": d_in, "d_out": d_out, "rank": rank, "tasks": tasks,
                 "source": shape.get("source", "synthetic"),
+                "tiles": lowrank_tiles(dtype_name, rank) if on_gpu else None,
                 "max_rel_err_vs_eager": err, "correct": err <= CHECK_TOL[dtype_name],
                 "ms": times,
                 "fused_over_dense": vs_dense,
@@ -323,6 +360,105 @@ def versions():
             "python": platform.python_version()}
 
 
+# --------------------------------------------------------------------------- tuning
+
+
+def _tune_case(shape, dtype, device):
+    """Inputs of one LoRKD shape, grouped by task once, and the fp32 projection xa the
+    backward reads (from the current tiles' forward)."""
+    import importlib
+
+    import torch
+
+    mod = importlib.import_module("medkd.kernels.lowrank_expert_linear")
+    g = torch.Generator(device=device).manual_seed(0)
+    n, d_in, d_out, rank, tasks = (shape[k] for k in ("n", "d_in", "d_out", "rank", "tasks"))
+
+    def rnd(*size, scale=1.0):
+        return (torch.randn(*size, generator=g, device=device) * scale).to(dtype)
+
+    case = {"x": rnd(n, d_in), "w": rnd(d_out, d_in, scale=d_in ** -0.5), "b": rnd(d_out, scale=0.1),
+            "a": rnd(tasks, rank, d_in, scale=d_in ** -0.5), "bb": rnd(tasks, d_out, rank, scale=0.1),
+            "dy": rnd(n, d_out)}
+    case["order"], case["offsets"] = mod._route(torch.randint(0, tasks, (n,), generator=g, device=device), tasks)
+    case["xa"] = mod._forward(case["x"], case["order"], case["offsets"], case["w"], case["b"], case["a"],
+                              case["bb"], 0.5, store_xa=True)[1]
+    return case
+
+
+def _run_kernel(kernel, case, tiles):
+    """One launch of the forward (y, xa) or the backward (dx, dA, dB) with `tiles`."""
+    import importlib
+
+    mod = importlib.import_module("medkd.kernels.lowrank_expert_linear")
+    c = case
+    if kernel == "fwd":
+        return mod._forward(c["x"], c["order"], c["offsets"], c["w"], c["b"], c["a"], c["bb"], 0.5,
+                            store_xa=True, tiles=tiles)
+    return mod._backward(c["dy"], c["x"], c["order"], c["offsets"], c["w"], c["a"], c["bb"], c["xa"], 0.5,
+                         True, True, True, tiles=tiles)
+
+
+def _gpu_timer(fn) -> float:
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=5, rep=25, return_mode="median"))
+
+
+def tune_lowrank(shapes, dtypes, device, write, timer=_gpu_timer, candidates=TUNE_CANDIDATES,
+                 kernels=("fwd", "bwd")):
+    """Score every candidate tiling per (kernel, dtype) with `timer(fn) -> ms`; `write(report)`
+    after each (kernel, dtype), so a run cut short keeps what it finished. Returns the report."""
+    import dataclasses
+    import importlib
+
+    import torch
+
+    mod = importlib.import_module("medkd.kernels.lowrank_expert_linear")
+    report = {"shapes": shapes, "scores": {}, "best": {"lowrank_expert_linear": {}}, "speedup_over_current": {}}
+    print(f"{'kernel':<4} {'dtype':<9} {'tiles (m,n,k,warps,stages)':<28} {'step ms':>9} {'vs current':>10}")
+    for dtype_name in dtypes:
+        dtype = getattr(torch, dtype_name)
+        cases = [_tune_case(shape, dtype, device) for shape in shapes]
+        for kernel in kernels:
+            current = [mod.gpu_tiles(kernel, dtype, s["rank"]) for s in shapes]
+            refs = [_run_kernel(kernel, c, t) for c, t in zip(cases, current)]
+            current_ms = sum(s["layers"] * timer(lambda c=c, t=t: _run_kernel(kernel, c, t))
+                             for s, c, t in zip(shapes, cases, current))
+            scores = []
+            for candidate in candidates:
+                tiles = mod.LowRankTiles(*candidate)
+                row = {"tiles": dataclasses.asdict(tiles), "step_ms": None, "error": None}
+                try:
+                    for case, ref in zip(cases, refs):
+                        err = max(max_rel_err(o, r) for o, r in zip(_run_kernel(kernel, case, tiles), ref))
+                        if err > CHECK_TOL[dtype_name]:
+                            raise AssertionError(f"max rel err {err:.1e} against the current tiles")
+                    per_shape = [timer(lambda c=c: _run_kernel(kernel, c, tiles)) for c in cases]
+                    row["per_shape_ms"] = per_shape
+                    row["step_ms"] = sum(s["layers"] * ms for s, ms in zip(shapes, per_shape))
+                except Exception as exc:  # out of shared memory, compile failure, wrong output
+                    row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+                scores.append(row)
+                vs = "-" if row["step_ms"] is None else f"{current_ms / row['step_ms']:.2f}x"
+                print(f"{kernel:<4} {dtype_name:<9} {str(candidate):<28} {_fmt(row['step_ms']):>9} {vs:>10}"
+                      + (f"  {row['error']}" if row["error"] else ""), flush=True)
+            timed = [r for r in scores if r["step_ms"] is not None]
+            winner = min(timed, key=lambda r: r["step_ms"]) if timed else None
+            report["scores"].setdefault(kernel, {})[dtype_name] = {"current_step_ms": current_ms,
+                                                                   "candidates": scores}
+            if winner:
+                best = report["best"]["lowrank_expert_linear"].setdefault(kernel, {})
+                best[dtype_name] = winner["tiles"]
+                if dtype_name == "bfloat16":
+                    best.setdefault("float16", winner["tiles"])  # same width; not timed separately
+                report["speedup_over_current"].setdefault(kernel, {})[dtype_name] = current_ms / winner["step_ms"]
+                print(f"best {kernel} {dtype_name}: {winner['tiles']} "
+                      f"({current_ms / winner['step_ms']:.2f}x the current tiles)", flush=True)
+            write(report)
+    return report
+
+
 # --------------------------------------------------------------------------- modes
 
 
@@ -388,13 +524,15 @@ def main(argv=None) -> int:
 
     device = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 is fp32 for every variant
+    name = torch.cuda.get_device_name(device)
+    if args.tune:
+        return tune(args, device, name)
     synthetic = [_shape(n, d, d, r, t) for n, d, r, t in LOWRANK_SHAPES]
     lorkd = [{**s, "source": f"lorkd-{args.lorkd_student}"} for s in lorkd_shapes(args.lorkd_student)]
     lowrank_shapes = {"all": synthetic + lorkd, "synthetic": synthetic, "lorkd": lorkd}[args.shapes]
-    cka_shapes, dtypes = CKA_SHAPES, DTYPES
+    cka_shapes, dtypes = CKA_SHAPES, args.dtypes or DTYPES
     if args.quick:
         lowrank_shapes, cka_shapes, dtypes = lowrank_shapes[:1], CKA_SHAPES[1:2], ["bfloat16"]
-    name = torch.cuda.get_device_name(device)
     print(f"device: {name}  " + "  ".join(f"{k} {v}" for k, v in versions().items()))
     print("times: ms, median, forward+backward; f/dense = fused / dense GEMM floor;"
           " x eager / x comp = speedup of fused over eager / torch.compile")
@@ -402,6 +540,24 @@ def main(argv=None) -> int:
     lowrank = bench_lowrank(lowrank_shapes, dtypes, device, True, use_compile)
     cka = bench_cka(cka_shapes, dtypes, device, True, use_compile)
     write_results(args.out or RESULTS_DIR / f"kernels-{slug(name)}.json", name, lowrank, cka, args)
+    return 0
+
+
+def tune(args, device, device_name) -> int:
+    from medkd.toolchain.atomic import atomic_write_text
+
+    out = args.out or RESULTS_DIR / f"kernels-tune-{slug(device_name)}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    header = {"device": device_name, "versions": versions(),
+              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "score": "sum over LoRKD shapes of layers x median ms (triton do_bench), one kernel alone"}
+    print(f"device: {device_name}  tuning the expert linear at recipe=lorkd's shapes "
+          f"(student {args.lorkd_student}); score = one training step's calls, ms")
+    shapes = [{**s, "source": f"lorkd-{args.lorkd_student}"} for s in lorkd_shapes(args.lorkd_student)]
+    tune_lowrank(shapes, args.dtypes or TUNE_DTYPES, device,
+                 lambda report: atomic_write_text(out, json.dumps({**header, **report}, indent=2) + "\n"),
+                 kernels=args.kernels)
+    print(f"wrote {out}; use it with MEDKD_KERNEL_TILES={out} or copy 'best' into GPU_TILES")
     return 0
 
 

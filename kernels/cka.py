@@ -287,7 +287,8 @@ class _Config:
 
 
 def _gpu_config(dtype: torch.dtype) -> _Config:
-    # NOT tuned on a GPU yet (none was available while this was written).
+    # Not tuned: the one GPU lease (H100, 2026-11-27) tuned the expert linear only (see
+    # bench/results/kernels-*-nvidia-h100-80gb-hbm3*.json for the CKA timings with these).
     if dtype == torch.float32:
         return _Config(32, 64, 64, 64, 32, 4, 3)
     return _Config(64, 64, 64, 128, 64, 4, 3)

@@ -21,16 +21,21 @@ written in place through the sort permutation (no gathered copy of x or y).
   (x W0^T) and the rank-r projection xa = x A_t^T (the rank is tiny, so this costs
   r_pad/BLOCK_N extra MMA work instead of a second pass over x); the epilogue adds
   s * xa B_t^T and the bias. xa is written once (fp32, n x r) for the backward.
-* backward, one kernel for the expert path:
+* backward, one kernel for dx and dA:
       dx   = dy W0 + s * g A_t,       g = dy B_t      (g: n x r, per row block)
       dA_t = s * g^T x                (task-t rows only)
-      dB_t = s * dy^T xa              (task-t rows only)
   The loop over d_out produces dy W0 and g together; after it the same program has
-  g and loads its x tile, so its dA_t contribution costs no extra pass over dy. dB_t
-  is taken from the dy tiles already in registers by the programs of the first d_in
-  tile. Row blocks of the same task add into dA_t / dB_t with fp32 atomics (so those
-  two grads are not bitwise reproducible run to run on a GPU; dx, dW0, db are).
-  A task without rows owns no block and its dA_t / dB_t stay exactly zero.
+  g and loads its x tile, so its dA_t contribution costs no extra pass over dy. Row
+  blocks of the same task add into dA_t with fp32 atomics (so dA is not bitwise
+  reproducible run to run on a GPU; dx, dB, dW0, db are). A task without rows owns no
+  block and its dA_t stays exactly zero.
+* dB_t = s * dy^T xa_t (task-t rows only) is one cuBLAS GEMM over all rows: xa's r
+  columns are placed in task t's block of an n x (T*r) matrix, zeros elsewhere, so a
+  row reaches its own expert only and a task without rows gets exactly zero. (It was
+  first fused into the backward kernel, from the dy tiles in registers; on an H100 with
+  triton 3.6 that gave wrong dB in fp32 while bf16 was right, and the interpreter
+  could not show it. The GEMM reads dy once more, n x d_out, which is small beside
+  the kernel's pass over dy for every d_in tile.)
 * dW0 = dy^T x and db = sum(dy) (only when W0 / b require grad; frozen by default)
   are plain dense reductions over all rows: cuBLAS does them at roofline, a
   Triton copy would not be faster.
@@ -38,6 +43,7 @@ written in place through the sort permutation (no gathered copy of x or y).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -200,9 +206,9 @@ def _fwd_kernel(
 
 @lazy_kernel
 def _bwd_kernel(
-    dy_ptr, x_ptr, w_ptr, a_ptr, b_ptr, xa_ptr, dx_ptr, da_ptr, db_ptr, order_ptr, offsets_ptr,
+    dy_ptr, x_ptr, w_ptr, a_ptr, b_ptr, dx_ptr, da_ptr, order_ptr, offsets_ptr,
     num_tasks, d_in, d_out, rank, scale,
-    COMPUTE_DX: tl.constexpr, COMPUTE_DA: tl.constexpr, COMPUTE_DB: tl.constexpr, T_PAD: tl.constexpr,
+    COMPUTE_DX: tl.constexpr, COMPUTE_DA: tl.constexpr, T_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     DOT: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -234,10 +240,6 @@ def _bwd_kernel(
     a_task = a_ptr + task.to(tl.int64) * rank * d_in
     b_task = b_ptr + task.to(tl.int64) * d_out * rank
 
-    if COMPUTE_DB:
-        # xa was stored unscaled in fp32, zero-padded to BLOCK_R columns.
-        xa = tl.load(xa_ptr + rows[:, None] * BLOCK_R + offs_r[None, :], mask=mask_m[:, None], other=0.0)
-        xa_s = (xa * scale).to(DOT)
     dx = tl.full((BLOCK_M, BLOCK_K), 0.0, dtype=tl.float32)
     g = tl.full((BLOCK_M, BLOCK_R), 0.0, dtype=tl.float32)
     for n0 in range(0, d_out, BLOCK_N):
@@ -252,12 +254,6 @@ def _bwd_kernel(
             w = tl.load(w_ptr + offs_n[:, None] * d_in + offs_k[None, :],     # W0 tile (N, K)
                         mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(DOT)
             dx = tl.dot(dy, w, dx, input_precision=PRECISION)
-        if COMPUTE_DB:
-            if pid_k == 0:  # one d_in tile per row block owns dB_t
-                part = tl.dot(tl.trans(dy), xa_s, input_precision=PRECISION)  # (N, R)
-                tl.atomic_add(db_ptr + task.to(tl.int64) * d_out * rank
-                              + offs_n[:, None] * rank + offs_r[None, :],
-                              part, mask=mask_n[:, None] & mask_r[None, :])
 
     g_s = (g * scale).to(DOT)
     if COMPUTE_DX:
@@ -279,32 +275,88 @@ def _bwd_kernel(
 
 
 @dataclass(frozen=True)
-class _Config:
-    block_m: int
+class LowRankTiles:
+    """Launch configuration of one of this file's kernels (forward or backward)."""
+
+    block_m: int  # rows per program (one task's row block)
     block_n: int  # tiles d_out
     block_k: int  # tiles d_in
     num_warps: int
     num_stages: int
 
-
-def _gpu_config(dtype: torch.dtype, rank: int) -> _Config:
-    # Standard Hopper/Ampere GEMM tiles: at rank <= 64 the backward, the larger kernel,
-    # needs <= 168 KB of shared memory on sm_90 and <= 100 KB on sm_80 (see
-    # `bench/kernels.py --compile-check`); above that, one pipeline stage less.
-    # NOT tuned on a GPU yet (none was available while this was written): tune here
-    # first if the benchmark misses its goals.
-    stages = 3 if rank <= 64 else 2
-    if dtype == torch.float32:
-        return _Config(64, 64, 32, 4, stages)
-    return _Config(64, 128, 64, 4, stages)
+    def __post_init__(self):
+        for name in ("block_m", "block_n", "block_k"):
+            value = getattr(self, name)
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"{name} must be a power of two >= 16 (tl.dot), got {value}")
+        if self.num_warps not in (1, 2, 4, 8, 16) or self.num_stages < 1:
+            raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16 and num_stages >= 1, got "
+                             f"{self.num_warps}, {self.num_stages}")
 
 
-def _config(dtype: torch.dtype, rank: int) -> _Config:
-    if interpret_enabled():
-        # Small tiles: the interpreter runs each program in numpy, and small tiles make
-        # the tests' small shapes span several tiles (masking, atomics across blocks).
-        return _Config(16, 16, 16, 1, 1)
-    return _gpu_config(dtype, rank)
+KERNELS = ("fwd", "bwd")
+
+# GPU tiles per (kernel, dtype) at rank <= 64, tuned by `bench/kernels.py --tune` on an
+# H100 (triton 3.6) at the shapes recipe=lorkd produces (narrow layers, 128..32768 rows):
+# bench/results/kernels-tune-nvidia-h100-80gb-hbm3-*.json. Speed-up over the untuned GEMM
+# tiles (64x64x32 fp32, 64x128x64 16-bit, 4 warps, 3 stages), per training step's calls:
+# fwd fp32 1.38x, fwd bf16 1.42x, bwd bf16 1.33x; bwd fp32 1.31x is the best of the 6 of 8
+# candidates timed before that run's time limit. float16 takes bfloat16's (same width, not
+# timed). Another GPU can use its own tuning file through MEDKD_KERNEL_TILES.
+GPU_TILES: dict[tuple[str, str], LowRankTiles] = {
+    ("fwd", "float32"): LowRankTiles(16, 32, 32, 2, 2),
+    ("fwd", "bfloat16"): LowRankTiles(16, 32, 32, 2, 2),
+    ("fwd", "float16"): LowRankTiles(16, 32, 32, 2, 2),
+    ("bwd", "float32"): LowRankTiles(64, 64, 64, 4, 3),
+    ("bwd", "bfloat16"): LowRankTiles(64, 32, 32, 4, 3),
+    ("bwd", "float16"): LowRankTiles(64, 32, 32, 4, 3),
+}
+# Small tiles under the interpreter: it runs each program in numpy, and small tiles make
+# the tests' small shapes span several tiles (masking, atomics across blocks).
+INTERPRETER_TILES = LowRankTiles(16, 16, 16, 1, 1)
+TILES_ENV = "MEDKD_KERNEL_TILES"
+
+
+def tiles_from_file(path: str) -> dict[tuple[str, str], LowRankTiles]:
+    """The lowrank_expert_linear section of a tuning file (what `bench/kernels.py --tune`
+    writes under "best"): {"fwd": {"bfloat16": {"block_m": ..., ...}, ...}, "bwd": {...}}."""
+    import json
+
+    try:
+        with open(path) as f:
+            section = json.load(f)["best"]["lowrank_expert_linear"]
+        table = {(kernel, dtype): LowRankTiles(**fields)
+                 for kernel, per_dtype in section.items() for dtype, fields in per_dtype.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{TILES_ENV}={path}: not a kernel tuning file from bench/kernels.py --tune "
+                         f"({type(exc).__name__}: {exc})") from None
+    unknown = sorted(set(section) - set(KERNELS))
+    if unknown:
+        raise ValueError(f"{TILES_ENV}={path}: unknown kernel(s) {unknown}; expected {list(KERNELS)}")
+    return table
+
+
+@functools.lru_cache(maxsize=8)
+def _tiles_file(path: str) -> dict[tuple[str, str], LowRankTiles]:
+    return tiles_from_file(path)
+
+
+def gpu_tiles(kernel: str, dtype: torch.dtype, rank: int) -> LowRankTiles:
+    """The tiles `kernel` ("fwd" | "bwd") launches with on a GPU: the tuning file named by
+    MEDKD_KERNEL_TILES where it has the entry, else GPU_TILES; one pipeline stage less above
+    rank 64 (the backward's shared memory would pass sm_80's limit)."""
+    import os
+
+    key = (kernel, str(dtype).removeprefix("torch."))
+    path = os.environ.get(TILES_ENV)
+    tiles = (_tiles_file(path).get(key) if path else None) or GPU_TILES[key]
+    if rank > 64 and tiles.num_stages > 2:
+        tiles = dataclasses.replace(tiles, num_stages=tiles.num_stages - 1)
+    return tiles
+
+
+def _tiles(kernel: str, dtype: torch.dtype, rank: int) -> LowRankTiles:
+    return INTERPRETER_TILES if interpret_enabled() else gpu_tiles(kernel, dtype, rank)
 
 
 def _block_r(rank: int) -> int:
@@ -342,11 +394,11 @@ def _num_row_blocks(n: int, num_tasks: int, block_m: int) -> int:
     return (n + min(num_tasks, n) * (block_m - 1)) // block_m
 
 
-def _forward(x2, order, offsets, weight, bias, lora_A, lora_B, scale, store_xa):
+def _forward(x2, order, offsets, weight, bias, lora_A, lora_B, scale, store_xa, tiles=None):
     n, d_in = x2.shape
     d_out = weight.shape[0]
     T, rank, _ = lora_A.shape
-    cfg = _config(x2.dtype, rank)
+    cfg = tiles or _tiles("fwd", x2.dtype, rank)
     block_r = _block_r(rank)
     y = torch.empty(n, d_out, device=x2.device, dtype=x2.dtype)
     xa = torch.empty(n, block_r, device=x2.device, dtype=torch.float32) if store_xa else None
@@ -363,50 +415,63 @@ def _forward(x2, order, offsets, weight, bias, lora_A, lora_B, scale, store_xa):
     return y, xa
 
 
-def _backward(dy, x2, order, offsets, weight, lora_A, lora_B, xa, scale, need_dx, need_da, need_db):
+def _backward(dy, x2, order, offsets, weight, lora_A, lora_B, xa, scale, need_dx, need_da, need_db,
+              tiles=None):
     n, d_in = x2.shape
     d_out = weight.shape[0]
     T, rank, _ = lora_A.shape
-    cfg = _config(x2.dtype, rank)
+    cfg = tiles or _tiles("bwd", x2.dtype, rank)
     dev = x2.device
     dx = torch.empty_like(x2) if need_dx else None
-    # fp32 accumulators for the atomics; cast to the parameter dtype at the end.
+    # fp32 accumulator for the atomics; cast to the parameter dtype at the end.
     da = torch.zeros(T, rank, d_in, device=dev, dtype=torch.float32) if need_da else None
-    db = torch.zeros(T, d_out, rank, device=dev, dtype=torch.float32) if need_db else None
-    grid = (cdiv(d_in, cfg.block_k), _num_row_blocks(n, T, cfg.block_m))
-    dummy = dy
-    _bwd_kernel[grid](
-        dy, x2, weight, lora_A, lora_B, xa if xa is not None else dummy,
-        dx if dx is not None else dummy, da if da is not None else dummy,
-        db if db is not None else dummy, order, offsets,
-        T, d_in, d_out, rank, float(scale),
-        COMPUTE_DX=need_dx, COMPUTE_DA=need_da, COMPUTE_DB=need_db, T_PAD=next_power_of_2(T),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=_block_r(rank),
-        DOT=dot_dtype(x2.dtype), PRECISION=fp32_dot_precision(),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    return (dx,
-            da.to(lora_A.dtype) if da is not None else None,
-            db.to(lora_B.dtype) if db is not None else None)
+    if need_dx or need_da:
+        grid = (cdiv(d_in, cfg.block_k), _num_row_blocks(n, T, cfg.block_m))
+        _bwd_kernel[grid](
+            dy, x2, weight, lora_A, lora_B, dx if dx is not None else dy, da if da is not None else dy,
+            order, offsets, T, d_in, d_out, rank, float(scale),
+            COMPUTE_DX=need_dx, COMPUTE_DA=need_da, T_PAD=next_power_of_2(T),
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=_block_r(rank),
+            DOT=dot_dtype(x2.dtype), PRECISION=fp32_dot_precision(),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    db = _expert_b_grad(dy, xa, order, offsets, T, rank, scale) if need_db else None
+    return dx, da.to(lora_A.dtype) if da is not None else None, db
+
+
+def _expert_b_grad(dy, xa, order, offsets, num_tasks, rank, scale):
+    """dB_t = s * dy^T xa over task t's rows, for every t in one GEMM: row i's xa (fp32,
+    unscaled, BLOCK_R wide) goes into its task's r columns of an n x (T*r) matrix."""
+    n, d_out = dy.shape
+    position = torch.arange(n, device=dy.device)
+    # offsets[t] <= p < offsets[t+1] for the rows of task t at sorted positions p.
+    task = torch.empty_like(order)
+    task[order] = torch.searchsorted(offsets[1:], position, right=True)
+    routed = xa.new_zeros(n, num_tasks, rank)
+    routed.scatter_(1, task[:, None, None].expand(n, 1, rank), xa[:, None, :rank] * scale)
+    db = dy.t() @ routed.view(n, num_tasks * rank).to(dy.dtype)  # (d_out, T*r), fp32 accumulate
+    return db.view(d_out, num_tasks, rank).permute(1, 0, 2).contiguous()
 
 
 def compile_kernels_for_gpu(dtype=torch.bfloat16, capability=90, d_in=1024, d_out=1024, rank=16, num_tasks=8):
     """AOT-compile the forward and backward kernels with their GPU tile configs (no GPU
     needed, see ``compile_for_gpu``); returns {name: triton CompiledKernel}."""
-    cfg = _gpu_config(dtype, rank)
     t = torch.empty(1, dtype=dtype)
     f32, i64 = torch.empty(1), torch.empty(1, dtype=torch.int64)
-    meta = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=_block_r(rank),
-                DOT=triton_dtype(dtype),
-                PRECISION=fp32_dot_precision(), capability=capability, num_warps=cfg.num_warps,
-                num_stages=cfg.num_stages)
     scalars = dict(num_tasks=num_tasks, d_in=d_in, d_out=d_out, rank=rank, scale=0.5,
                    T_PAD=next_power_of_2(num_tasks))
+
+    def meta(kernel):
+        cfg = gpu_tiles(kernel, dtype, rank)
+        return dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=_block_r(rank),
+                    DOT=triton_dtype(dtype), PRECISION=fp32_dot_precision(), capability=capability,
+                    num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
     fwd = compile_for_gpu(_fwd_kernel, x_ptr=t, w_ptr=t, bias_ptr=t, a_ptr=t, b_ptr=t, y_ptr=t, xa_ptr=f32,
-                          order_ptr=i64, offsets_ptr=i64, HAS_BIAS=True, STORE_XA=True, **scalars, **meta)
-    bwd = compile_for_gpu(_bwd_kernel, dy_ptr=t, x_ptr=t, w_ptr=t, a_ptr=t, b_ptr=t, xa_ptr=f32, dx_ptr=t,
-                          da_ptr=f32, db_ptr=f32, order_ptr=i64, offsets_ptr=i64, COMPUTE_DX=True,
-                          COMPUTE_DA=True, COMPUTE_DB=True, **scalars, **meta)
+                          order_ptr=i64, offsets_ptr=i64, HAS_BIAS=True, STORE_XA=True, **scalars, **meta("fwd"))
+    bwd = compile_for_gpu(_bwd_kernel, dy_ptr=t, x_ptr=t, w_ptr=t, a_ptr=t, b_ptr=t, dx_ptr=t,
+                          da_ptr=f32, order_ptr=i64, offsets_ptr=i64, COMPUTE_DX=True,
+                          COMPUTE_DA=True, **scalars, **meta("bwd"))
     return {"lowrank_fwd": fwd, "lowrank_bwd": bwd}
 
 

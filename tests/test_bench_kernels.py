@@ -42,3 +42,46 @@ def test_interpreter_smoke_runs_a_non_square_case(bench, capsys, monkeypatch):
     assert bench.main(["--interpret-smoke", "--no-compile"]) == 0
     out = capsys.readouterr().out
     assert "d=32>24" in out and " yes " in out  # fused matched eager on the CPU interpreter
+
+
+def test_tuner_keeps_the_fastest_candidate_whose_output_is_right(bench, monkeypatch, tmp_path):
+    """--tune's bookkeeping on the CPU interpreter with a stand-in timer (cost = a function of
+    the tiles): a candidate that gives wrong output is refused even though it is the
+    cheapest, the score weights each shape by its layer count, and float16 takes
+    bfloat16's winner."""
+    import torch
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    launched = []
+    run_kernel = bench._run_kernel
+
+    def spying(kernel, case, tiles):
+        launched.append(tiles)
+        out = run_kernel(kernel, case, tiles)
+        if tiles is not None and tiles.block_n == 16 and tiles.block_m == 16:  # the "broken" candidate
+            out = tuple(o * 1.5 for o in out)
+        return out
+
+    def timer(fn):
+        fn()
+        t = launched[-1]
+        return t.block_m + t.block_n / 10
+
+    monkeypatch.setattr(bench, "_run_kernel", spying)
+    shapes = [{"n": 40, "d_in": 24, "d_out": 20, "rank": 2, "tasks": 3, "layers": 2},
+              {"n": 17, "d_in": 16, "d_out": 16, "rank": 2, "tasks": 3, "layers": 1}]
+    candidates = [(16, 16, 16, 1, 1), (32, 16, 16, 1, 1), (16, 32, 16, 1, 1)]
+    written = []
+    report = bench.tune_lowrank(shapes, ["bfloat16"], torch.device("cpu"), written.append,
+                                timer=timer, candidates=candidates)
+    assert len(written) == 2  # after the forward, after the backward
+    for kernel in ("fwd", "bwd"):
+        rows = report["scores"][kernel]["bfloat16"]["candidates"]
+        assert rows[0]["step_ms"] is None and "max rel err" in rows[0]["error"]
+        assert rows[1]["step_ms"] == pytest.approx(3 * (32 + 1.6))
+        assert rows[2]["step_ms"] == pytest.approx(3 * (16 + 3.2))
+        best = report["best"]["lowrank_expert_linear"][kernel]
+        assert best["bfloat16"] == best["float16"] == {"block_m": 16, "block_n": 32, "block_k": 16,
+                                                       "num_warps": 1, "num_stages": 1}
+        current = report["scores"][kernel]["bfloat16"]["current_step_ms"]
+        assert report["speedup_over_current"][kernel]["bfloat16"] == pytest.approx(current / (3 * 19.2))

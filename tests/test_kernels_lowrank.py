@@ -8,6 +8,7 @@ triton builtins (see _dispatch.LazyKernel).
 """
 
 import importlib
+import json
 import shutil
 from pathlib import Path
 
@@ -139,7 +140,7 @@ def test_adapter_grads_without_input_grad():
 def test_every_row_block_is_launched_in_the_worst_case():
     # The grid is a bound computed without the task counts; it is reached exactly when
     # every task has k * BLOCK_M + 1 rows (one nearly empty block per task).
-    block_m = lel_mod._config(torch.float32, 4).block_m
+    block_m = lel_mod._tiles("fwd", torch.float32, 4).block_m
     shuffle = torch.randperm(3 * (block_m + 1), generator=torch.Generator().manual_seed(0))
     ids = torch.arange(3).repeat_interleave(block_m + 1)[shuffle]
     n = ids.numel()
@@ -314,11 +315,84 @@ def _has_ptxas():
 
 @pytest.mark.skipif(not _has_ptxas(), reason="needs triton and its bundled ptxas to compile for a GPU")
 def test_kernels_compile_for_hopper():
-    """No GPU here: compile the GPU path ahead of time for sm_90 and check that the main
-    loops became pipelined (async copies) tensor-core (wgmma) code."""
+    """No GPU here: compile the GPU path ahead of time for sm_90 with the tuned tiles and
+    check that the main loops became pipelined (async copies) tensor-core code: wgmma with
+    4+ warps (a warp group), mma with fewer (the forward's tuned 2 warps)."""
     compiled = lel_mod.compile_kernels_for_gpu(torch.bfloat16, capability=90)
     for name, kernel in compiled.items():
         ttgir = kernel.asm["ttgir"]
+        warps = lel_mod.gpu_tiles(name.removeprefix("lowrank_"), torch.bfloat16, 16).num_warps
         assert kernel.asm["cubin"], name
-        assert "warp_group_dot" in ttgir, f"{name}: no wgmma"
+        if warps >= 4:
+            assert "warp_group_dot" in ttgir, f"{name}: no wgmma"
+        else:
+            assert "#ttg.nvidia_mma" in ttgir, f"{name}: no tensor-core mma"
         assert "async_copy_global_to_local" in ttgir, f"{name}: loads not pipelined"
+
+
+# --------------------------------------------------------------------------- tiles as data
+
+
+def test_tiles_reject_what_the_kernels_cannot_launch():
+    with pytest.raises(ValueError, match="block_k must be a power of two"):
+        lel_mod.LowRankTiles(64, 64, 24, 4, 3)
+    with pytest.raises(ValueError, match="block_m must be a power of two >= 16"):
+        lel_mod.LowRankTiles(8, 64, 32, 4, 3)
+    with pytest.raises(ValueError, match="num_warps"):
+        lel_mod.LowRankTiles(64, 64, 32, 3, 3)
+
+
+def test_gpu_tiles_come_from_the_table_with_one_stage_less_above_rank_64(monkeypatch):
+    monkeypatch.delenv(lel_mod.TILES_ENV, raising=False)
+    for (kernel, dtype_name), tiles in lel_mod.GPU_TILES.items():
+        dtype = getattr(torch, dtype_name)
+        assert lel_mod.gpu_tiles(kernel, dtype, 4) == tiles
+        high = lel_mod.gpu_tiles(kernel, dtype, 128)
+        assert high.num_stages == (tiles.num_stages - 1 if tiles.num_stages > 2 else tiles.num_stages)
+        assert (high.block_m, high.block_n, high.block_k) == (tiles.block_m, tiles.block_n, tiles.block_k)
+
+
+def _tuning_file(path, best):
+    path.write_text(json.dumps({"device": "test", "best": {"lowrank_expert_linear": best}}))
+    return str(path)
+
+
+def test_a_tuning_file_overrides_the_table_where_it_has_an_entry(tmp_path, monkeypatch):
+    tuned = {"block_m": 128, "block_n": 32, "block_k": 64, "num_warps": 8, "num_stages": 4}
+    monkeypatch.setenv(lel_mod.TILES_ENV, _tuning_file(tmp_path / "tune.json", {"bwd": {"bfloat16": tuned}}))
+    assert lel_mod.gpu_tiles("bwd", torch.bfloat16, 4) == lel_mod.LowRankTiles(**tuned)
+    assert lel_mod.gpu_tiles("fwd", torch.bfloat16, 4) == lel_mod.GPU_TILES["fwd", "bfloat16"]
+    assert lel_mod.gpu_tiles("bwd", torch.float32, 4) == lel_mod.GPU_TILES["bwd", "float32"]
+    # The interpreter keeps its small tiles whatever the file says.
+    assert lel_mod._tiles("bwd", torch.bfloat16, 4) == lel_mod.INTERPRETER_TILES
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ("not json", "not a kernel tuning file"),
+    ('{"best": {}}', "not a kernel tuning file"),
+    ('{"best": {"lowrank_expert_linear": {"fwd": {"float32": {"block_m": 24, "block_n": 64, '
+     '"block_k": 32, "num_warps": 4, "num_stages": 3}}}}}', "block_m must be a power of two"),
+    ('{"best": {"lowrank_expert_linear": {"forward": {}}}}', "unknown kernel"),
+])
+def test_a_bad_tuning_file_is_a_one_line_error(tmp_path, monkeypatch, content, fragment):
+    path = tmp_path / "tune.json"
+    path.write_text(content)
+    monkeypatch.setenv(lel_mod.TILES_ENV, str(path))
+    with pytest.raises(ValueError, match=fragment) as info:
+        lel_mod.gpu_tiles("fwd", torch.float32, 4)
+    assert "\n" not in str(info.value) and lel_mod.TILES_ENV in str(info.value)
+
+
+@pytest.mark.parametrize("tiles", [(32, 16, 16, 1, 1), (16, 32, 32, 2, 2)])
+def test_explicit_tiles_give_the_same_values_and_grads(tiles):
+    x, ids, w, b, a, bb = _make(70, 29, 23, 3, 5)
+    tiles = lel_mod.LowRankTiles(*tiles)
+    order, offsets = lel_mod._route(ids, 3)
+    y, xa = lel_mod._forward(x, order, offsets, w, b, a, bb, 0.7, store_xa=True, tiles=tiles)
+    y_ref, xa_ref = lel_mod._forward(x, order, offsets, w, b, a, bb, 0.7, store_xa=True)
+    assert _rel_err(y, y_ref) <= TOL_FP32 and _rel_err(xa, xa_ref) <= TOL_FP32
+    dy = torch.randn_like(y)
+    got = lel_mod._backward(dy, x, order, offsets, w, a, bb, xa, 0.7, True, True, True, tiles=tiles)
+    ref = lel_mod._backward(dy, x, order, offsets, w, a, bb, xa, 0.7, True, True, True)
+    for g, r in zip(got, ref):
+        assert _rel_err(g, r) <= TOL_FP32
