@@ -15,6 +15,8 @@ accuracy (the deployed ONNX's all-class test accuracy is kept too).
     python bench/ogkd.py --resume               # add the missing runs to bench/results/ogkd.json
     python bench/ogkd.py --seeds 0 --override recipe.lr=0.02 --output bench/results/ogkd_lr0.02.json
                                                 # a setting to compare on the validation accuracy
+    python bench/ogkd.py --few-shot             # recipe.protocol=all (every class trains), 1/4/16
+                                                # shots per class -> bench/results/ogkd_fewshot.json
 
 Prints a table (test accuracy on base classes, on novel classes, their harmonic mean; mean
 ± std over seeds; the frozen VLM's zero-shot accuracy beside it) and writes
@@ -42,6 +44,8 @@ OBJECTIVES = ("ogkd", "coop", "kd")
 SEEDS = (0, 1, 2)
 SCORES = ("base", "novel", "harmonic_mean")
 RESULTS = Path(__file__).parent / "results" / "ogkd.json"
+FEW_SHOT_RESULTS = Path(__file__).parent / "results" / "ogkd_fewshot.json"
+FEW_SHOTS = (1, 4, 16)
 EXPORT = ["export.precision=fp32", "export.formats=[onnx]", "export.validation_images=32", "export.latency_runs=5",
           "export.latency_warmup=1", "export.latency_batches=[1]", "export.latency_threads=[0]", "progress=false"]
 
@@ -51,11 +55,23 @@ def parse_args(argv=None):
     parser.add_argument("--objectives", nargs="+", choices=OBJECTIVES, default=list(OBJECTIVES))
     parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     parser.add_argument("--override", action="append", default=[], help="extra config override for every run")
-    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--few-shot", action="store_true",
+                        help="recipe.protocol=all: every class trains on --shots images each (no novel classes)")
+    parser.add_argument("--shots", nargs="+", type=int, default=list(FEW_SHOTS), help="--few-shot: shots per class")
+    parser.add_argument("--output", type=Path, default=None,
+                        help=f"default {RESULTS.name}, with --few-shot {FEW_SHOT_RESULTS.name} (in bench/results)")
     parser.add_argument("--resume", action="store_true", help="keep the runs in --output and add the missing ones")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="where the image tokens are cached (default: a temporary folder per invocation)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.output = args.output or (FEW_SHOT_RESULTS if args.few_shot else RESULTS)
+    args.shots = args.shots if args.few_shot else [None]  # None: the recipe's shots, base-to-novel
+    return args
+
+
+def run_key(row: dict) -> tuple:
+    """(objective, shots, seed); shots None = the base-to-novel protocol's default."""
+    return row["objective"], row.get("shots"), row["seed"]
 
 
 def row_from_report(report: dict) -> dict:
@@ -68,43 +84,56 @@ def row_from_report(report: dict) -> dict:
 
 
 def summarise(rows: list[dict]) -> list[dict]:
-    groups: dict[str, list[dict]] = {}
+    """Mean and std over seeds per (objective, shots); few-shot rows have no novel classes."""
+    groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        groups.setdefault(row["objective"], []).append(row)
+        groups.setdefault((row["objective"], row.get("shots")), []).append(row)
 
     def stats(values):
+        values = [v for v in values if v is not None]
+        if not values:
+            return None
         return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
 
-    return [{"objective": objective, "seeds": len(runs),
+    ordered = sorted(groups.items(), key=lambda item: (item[0][1] or 0, OBJECTIVES.index(item[0][0])))
+    return [{"objective": objective, **({"shots": shots} if shots is not None else {}), "seeds": len(runs),
              **{score: stats([r["prompt_tuned"][score] for r in runs]) for score in SCORES},
              "zero_shot": {score: stats([r["zero_shot"][score] for r in runs]) for score in SCORES}}
-            for objective, runs in sorted(groups.items(), key=lambda item: OBJECTIVES.index(item[0]))]
+            for (objective, shots), runs in ordered]
 
 
-def protocol_gaps(rows: list[dict], overrides: list[str]) -> list[str]:
-    done = {(r["objective"], r["seed"]) for r in rows}
-    gaps = [f"{objective} seed {seed} not run" for seed in SEEDS for objective in OBJECTIVES
-            if (objective, seed) not in done]
+def protocol_gaps(rows: list[dict], overrides: list[str], shots: list) -> list[str]:
+    done = {run_key(r) for r in rows}
+    gaps = [f"{objective}{'' if k is None else f' {k}-shot'} seed {seed} not run"
+            for k in shots for seed in SEEDS for objective in OBJECTIVES if (objective, k, seed) not in done]
     if overrides:
         gaps.append(f"settings other than the protocol's: {overrides}")
     return gaps
 
 
 def print_table(summary: list[dict]) -> None:
-    print(f"\n{'objective':<10}{'seeds':>6}  {'base':>13}  {'novel':>13}  {'HM':>13}  {'zero-shot HM':>13}")
+    def cell(stat):
+        return f"{'-':>13}" if stat is None else f"{stat['mean']:>7.4f}±{stat['std']:.3f}"
+
+    print(f"\n{'objective':<10}{'shots':>6}{'seeds':>6}  {'base':>13}  {'novel':>13}  {'HM':>13}  "
+          f"{'zero-shot base':>14}  {'zero-shot HM':>13}")
     for s in summary:
-        cells = "  ".join(f"{s[k]['mean']:>7.4f}±{s[k]['std']:.3f}" for k in SCORES)
-        print(f"{s['objective']:<10}{s['seeds']:>6}  {cells}  {s['zero_shot']['harmonic_mean']['mean']:>13.4f}")
+        print(f"{s['objective']:<10}{s.get('shots', '-'):>6}{s['seeds']:>6}  "
+              + "  ".join(cell(s[k]) for k in SCORES)
+              + f"  {cell(s['zero_shot']['base']):>14}  {cell(s['zero_shot']['harmonic_mean'])}")
 
 
 def write_results(args, rows: list[dict], finished: bool) -> None:
-    gaps = protocol_gaps(rows, args.override)
+    gaps = protocol_gaps(rows, args.override, args.shots)
     if not finished:
         gaps.append("run stopped before the end (partial results)")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.output, json.dumps({
-        "benchmark": "ogkd",
-        "claim": "OGKD beats CoOp and plain KD on novel classes (harmonic mean) without losing base accuracy",
+        "benchmark": "ogkd-few-shot" if args.few_shot else "ogkd",
+        "claim": ("OGKD beats CoOp and plain KD in few-shot accuracy (every class trains)" if args.few_shot else
+                  "OGKD beats CoOp and plain KD on novel classes (harmonic mean) without losing base accuracy"),
+        "protocol": "all (few-shot), shots per class: " + ", ".join(map(str, args.shots)) if args.few_shot
+        else "base2novel, the recipe's shots",
         "command": "python bench/ogkd.py " + " ".join(sys.argv[1:]),
         "complete": not gaps, "left_out": gaps,
         "device": f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
@@ -123,22 +152,27 @@ def main(argv=None) -> int:
             raise UserError(f"--resume: {args.output} was measured with overrides {previous.get('overrides')}, "
                             f"this run uses {args.override}; use another --output")
         rows = previous["runs"]
-    done = {(r["objective"], r["seed"]) for r in rows}
+    done = {run_key(r) for r in rows}
     with tempfile.TemporaryDirectory(prefix="medkd-bench-ogkd-") as tmp:
         cache = args.cache_dir or Path(tmp) / "cache"  # the frozen image encoder's tokens, shared by every run
-        for seed in args.seeds:  # seed outermost: a stopped run has every objective of its first seeds
-            for objective in args.objectives:
-                if (objective, seed) in done:
-                    continue
-                run_dir = Path(tmp) / f"{objective}-{seed}"
-                report = run(load_config(["recipe=ogkd", f"recipe.objective={objective}", f"seed={seed}",
-                                          f"data.seed={seed}", f"run_dir={run_dir}", f"cache_dir={cache}", *EXPORT,
-                                          *args.override]))
-                rows.append({"objective": objective, "seed": seed, **row_from_report(report)})
-                write_results(args, rows, finished=False)
-                tuned = rows[-1]["prompt_tuned"]
-                print(f"seed {seed} {objective:<5} base {tuned['base']:.4f} novel {tuned['novel']:.4f} "
-                      f"HM {tuned['harmonic_mean']:.4f} ({rows[-1]['wall_s']} s)", flush=True)
+        # seed outermost: a stopped run has every objective and shot count of its first seeds
+        for seed in args.seeds:
+            for shots in args.shots:
+                protocol = [] if shots is None else ["recipe.protocol=all", f"recipe.shots={shots}"]
+                for objective in args.objectives:
+                    if (objective, shots, seed) in done:
+                        continue
+                    run_dir = Path(tmp) / f"{objective}-{shots}-{seed}"
+                    report = run(load_config(["recipe=ogkd", f"recipe.objective={objective}", f"seed={seed}",
+                                              f"data.seed={seed}", f"run_dir={run_dir}", f"cache_dir={cache}",
+                                              *protocol, *EXPORT, *args.override]))
+                    rows.append({"objective": objective, **({"shots": shots} if shots is not None else {}),
+                                 "seed": seed, **row_from_report(report)})
+                    write_results(args, rows, finished=False)
+                    tuned = rows[-1]["prompt_tuned"]
+                    print(f"seed {seed} {objective:<5} {'' if shots is None else f'{shots}-shot '}"
+                          + " ".join(f"{k} {tuned[k]:.4f}" for k in SCORES if tuned[k] is not None)
+                          + f" ({rows[-1]['wall_s']} s)", flush=True)
     print_table(summarise(rows))
     write_results(args, rows, finished=True)
     print(f"\nwrote {args.output}")

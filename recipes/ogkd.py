@@ -26,6 +26,10 @@ prompt-ensemble prototypes e_c (all normalised):
     loss = CE + SCCM + GAD + LGD                      (recipe.loss=ogkd)
     baselines: coop = CE only; kd = CE + lambda_gad * KL(softmax q || p) (gamma = 0: no graph)
 
+Deployment (recipe.deploy=student, not in the paper's code): GeometryStudent distils the folded
+prompt-tuned model into a small image classifier with the same graph-diffused targets; see its
+docstring for the loss and why it is scaled as KD is.
+
 Departures from the official code, and why:
   - If the template scores have zero MAD or zero spread (identical scores: e.g. one template),
     every template is kept; the official code divides by zero there.
@@ -41,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Batch, Recipe
+from .base import Batch, Recipe, labelled_cross_entropy
 
 LOSSES = ("ogkd", "coop", "kd")
 
@@ -250,3 +254,36 @@ class Alignment(Recipe):
         scale = self.logit_scale.clamp(max=4.6052).exp()  # at most 100, as CLIP caps it
         ce = F.cross_entropy(scale * image @ self.class_text().t(), batch.labels)
         return ce, {"ce": ce.detach()}
+
+
+class GeometryStudent(Recipe):
+    """Distils the folded prompt-tuned VLM (its logits over every class, Batch.teacher_features
+    B x C) into a small image classifier, for devices that cannot run the VLM's encoder:
+
+        loss = (1 - w) CE(z, y) + w T^2 KL(q~ || softmax(z / T)) summed over classes / B
+        log q~ = (1 - gamma) log q_T + gamma (log q_T) W,   q_T = softmax(teacher logits / T)
+
+    GAD's geometry (the teacher's log-probabilities diffused along the class graph W over every
+    class, not renormalised) with KD's temperature and batch-mean scaling. Departure from
+    prompt-tuning GAD, and why: its sum / (B C) would make the term C times weaker beside the
+    cross-entropy of a student that starts from random weights, and the folded teacher's logits
+    (cosines times a scale near 100) need softening. Unlabelled rows (UNLABELLED) carry the KL
+    term only, so the base classes' training images beyond the few shots serve as a transfer set."""
+
+    name = "ogkd-student"
+    needs_teacher = True
+    uses_unlabelled = True
+
+    def __init__(self, student: nn.Module, graph: torch.Tensor, gamma: float, kd_weight: float, temperature: float):
+        super().__init__(student)
+        self.gamma, self.kd_weight, self.temperature = float(gamma), float(kd_weight), float(temperature)
+        self.register_buffer("graph", graph.float(), persistent=False)
+
+    def loss(self, batch: Batch):
+        t = self.temperature
+        logits = self.student(batch.images)
+        target = smoothed_log_targets(batch.teacher_features / t, self.graph, self.gamma)
+        gad = F.kl_div(F.log_softmax(logits / t, dim=-1), target, reduction="batchmean", log_target=True) * t * t
+        ce = labelled_cross_entropy(logits, batch.labels)
+        total = (1.0 - self.kd_weight) * ce + self.kd_weight * gad
+        return total, {"ce": ce.detach(), "gad": gad.detach()}

@@ -12,8 +12,10 @@ import math
 import pytest
 import torch
 
-from medkd.recipes.base import Batch
-from medkd.recipes.ogkd import (OGKDWeights, PromptTuning, class_graph, effective_base_graph, gad_loss, lgd_loss,
+from torch import nn
+
+from medkd.recipes.base import UNLABELLED, Batch
+from medkd.recipes.ogkd import (GeometryStudent, OGKDWeights, PromptTuning, class_graph, effective_base_graph, gad_loss, lgd_loss,
                                 sccm_loss, select_templates, top_k_patches)
 
 
@@ -156,3 +158,28 @@ def test_each_objective_adds_its_terms_and_trains_the_context_only(objective, te
     total.backward()
     assert learner.ctx.grad is not None and learner.ctx.grad.abs().sum() > 0
     assert [name for name, _ in recipe.named_parameters()] == ["student.ctx"]  # nothing of the VLM
+
+
+def test_student_distillation_is_ce_on_labelled_rows_plus_tempered_graph_kl():
+    """GeometryStudent on 2 images (the student is the identity on 2 "pixels" = its logits):
+    row 0 labelled 1, row 1 unlabelled; T = 2, gamma = 0.25, w = 0.7."""
+    t, gamma, w = 2.0, 0.25, 0.7
+    graph = torch.tensor([[0.9, 0.1], [0.4, 0.6]])
+    student_logits = torch.tensor([[0.0, 2 * math.log(2.0)], [0.0, 0.0]])  # / T: p = (1/3, 2/3), (1/2, 1/2)
+    teacher_logits = torch.tensor([[0.0, 2 * math.log(3.0)], [0.0, 0.0]])  # / T: q = (1/4, 3/4), (1/2, 1/2)
+    recipe = GeometryStudent(nn.Flatten(), graph, gamma, w, t)
+    batch = Batch(student_logits, torch.tensor([1, UNLABELLED]), teacher_logits)
+    total, parts = recipe.loss(batch)
+
+    def smoothed(q):
+        lq = [math.log(v) for v in q]
+        diffused = [lq[0] * 0.9 + lq[1] * 0.4, lq[0] * 0.1 + lq[1] * 0.6]
+        return [(1 - gamma) * lq[c] + gamma * diffused[c] for c in range(2)]
+
+    kl_rows = [kl_by_hand(smoothed([0.25, 0.75]), [math.log(1 / 3), math.log(2 / 3)]),
+               kl_by_hand(smoothed([0.5, 0.5]), [math.log(0.5)] * 2)]
+    gad = t * t * sum(kl_rows) / 2  # batch mean, both rows
+    ce = -math.log(0.8)  # row 0 only, at T = 1: softmax(0, 2 ln 2) = (1/5, 4/5)
+    assert parts["gad"].item() == pytest.approx(gad, rel=1e-5)
+    assert parts["ce"].item() == pytest.approx(ce, rel=1e-5)
+    assert total.item() == pytest.approx((1 - w) * ce + w * gad, rel=1e-5)

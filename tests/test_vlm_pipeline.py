@@ -54,15 +54,27 @@ def test_ogkd_aligns_tunes_prompts_folds_and_exports(tiny, tmp_path):
     assert resumed["vlm"]["test"] == scores  # nothing trains again
 
 
-def test_ogkd_takes_an_open_clip_model_from_a_local_folder(tiny, tmp_path):
+def test_ogkd_takes_an_open_clip_model_from_a_local_folder_and_deploys_a_student(tiny, tmp_path):
     from test_vlm import write_tiny_clip
 
     write_tiny_clip(tmp_path / "clip")
     report = run(load_config(tiny("teacher=open_clip", f"teacher.model=local-dir:{tmp_path / 'clip'}",
-                                  "data.image_size=32", "recipe.objective=kd")))
+                                  "data.image_size=32", "recipe.objective=kd", "recipe.deploy=student",
+                                  "student=mobilenetv3", "recipe.student_epochs=2", "recipe.val_per_class=1")))
     assert report["teacher"]["alignment"] is None  # a pretrained VLM is not aligned again
     assert set(report["training"]["history"][-1]) >= {"ce", "kd"}
-    assert report["export"]["models"]["model"]["formats"]["onnx"]["parity"]["top1_agreement"] >= 0.999
+    # recipe.deploy=student: a small student learnt the folded model's logits and is what deploys.
+    student = report["student"]
+    assert student["name"] == "mobilenetv3" and 0 < student["parameters"] < 5e6
+    distillation = student["distillation"]
+    assert set(distillation["history"][-1]) >= {"ce", "gad"} and len(distillation["history"]) == 2
+    assert distillation["labelled"] == 2 * len(report["data"]["base_classes"]) < distillation["train_images"]
+    for kind in ("student", "folded_teacher"):
+        assert all(0 <= distillation["test"][kind][k] <= 1 for k in ("all", "base", "novel"))
+    assert (tmp_path / "run" / "stages/student_distillation/checkpoint.pt").is_file()
+    model = report["export"]["models"]["model"]
+    assert model["formats"]["onnx"]["parity"]["top1_agreement"] >= 0.999
+    assert "Student distilled from the folded model (mobilenetv3)" in (tmp_path / "run" / "report.md").read_text()
 
 
 @pytest.mark.parametrize("extra, fragment", [
@@ -70,6 +82,8 @@ def test_ogkd_takes_an_open_clip_model_from_a_local_folder(tiny, tmp_path):
     (["recipe.class_specific=true"], "cannot serve novel classes"),
     (["recipe.top_k_ratio=0"], "recipe.top_k_ratio must be a number > 0"),
     (["recipe.top_k_ratio=1.5"], "recipe.top_k_ratio must be in (0, 1]"),
+    (["recipe.deploy=tiny"], "recipe.deploy must be one of folded, student"),
+    (["recipe.student_kd_weight=1.5"], "recipe.student_kd_weight must be in (0, 1]"),
     (["teacher=litemedsam"], "needs a vision-language teacher"),
     (["teacher=open_clip"], "needs teacher.model"),
 ])

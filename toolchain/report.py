@@ -418,10 +418,25 @@ def render_vlm_markdown(report: dict) -> str:
     out += ["", f"Folding: the prompts as a linear classifier over every class; largest logit difference to "
                 f"the prompt-tuned model {_num(fold.get('max_abs_diff'))} on {_txt(fold.get('images'))} test images. "
                 "The deployment tables below score all classes at once, so they differ from the table above."]
+    distillation = student.get("distillation") if isinstance(student.get("distillation"), dict) else None
+    if distillation:
+        scored = distillation.get("test") if isinstance(distillation.get("test"), dict) else {}
+        out += ["", f"## Student distilled from the folded model ({_txt(student.get('name'))})", "",
+                f"Trained on {_txt(distillation.get('train_images'))} base-class training images, "
+                f"{_txt(distillation.get('labelled'))} of them labelled (the shots), to the folded model's logits "
+                "over every class with the geometry-aware loss. Test accuracy:", ""]
+        rows = []
+        for kind, label in (("folded_teacher", "folded prompt-tuned VLM (teacher)"), ("student", "student")):
+            scores = scored.get(kind) if isinstance(scored.get(kind), dict) else {}
+            rows.append([label, _num(scores.get("all")), _num(scores.get("base")), _num(scores.get("novel")),
+                         _num(scores.get("harmonic_mean"))])
+        out += _table(["Model", "All classes", "Base", "Novel", "Harmonic mean"], rows)
     history = training.get("history") if isinstance(training.get("history"), list) else []
     alignment = teacher.get("alignment") if isinstance(teacher.get("alignment"), dict) else None
     stages = {"alignment": alignment.get("history")} if alignment else {}
     stages["prompt_tuning"] = history
+    if distillation:
+        stages["student_distillation"] = distillation.get("history")
     out += ["", "## Training", ""]
     out += _stage_losses(stages)
     out += _render_deployment(_sec(report, "export"), _sec(report, "target"), _sec(report, "target").get("name"))

@@ -10,9 +10,13 @@
                      ogkd | coop | kd)
     test_evaluation  base and novel accuracy (each among its own classes) and their harmonic
                      mean, beside the frozen model's zero-shot accuracy (template ensemble)
-    export           the prompts folded into a linear classifier over every class (base and
+    fold             the prompts folded into a linear classifier over every class (base and
                      novel) after the image encoder (models/vlm.py FoldedPromptClassifier; parity
-                     with the prompt-tuned model checked), through the shared export path
+                     with the prompt-tuned model checked)
+    student_distillation  (recipe.deploy=student) a small student=... distilled from the folded
+                     model with the geometry-aware loss (recipes/ogkd.py GeometryStudent) on the
+                     base classes' training images: labels on the shots only, the rest a transfer set
+    export           the deployed model (folded, or the student) through the shared export path
 
 Base-to-novel split: classes in data order, even positions base, odd positions novel, so both
 halves span every lobe of data=mri-regions. recipe.protocol=all trains on every class (few-shot).
@@ -34,8 +38,9 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
-from medkd.recipes.ogkd import (LOSSES, Alignment, OGKDWeights, PromptLearner, PromptTuning, class_graph,
-                                effective_base_graph)
+from medkd.recipes import UNLABELLED
+from medkd.recipes.ogkd import (LOSSES, Alignment, GeometryStudent, OGKDWeights, PromptLearner, PromptTuning,
+                                class_graph, effective_base_graph)
 
 from .atomic import atomic_save, atomic_write_text
 from .data import load_task
@@ -45,17 +50,18 @@ from .distributed import DistContext
 from .errors import ConfigError, UserError
 from .export_stage import deployed_summary, make_plan, run_export
 from .features import teacher_features
-from .models.students import count_parameters
+from .models.students import build_student, count_parameters
 from .models.teacher_runtime import runtime_extractor
 from .models.vlm import FoldedPromptClassifier, build_vlm
 from .provenance import data_digest, write_manifest
 from .report import write_report
 from .rundir import LOG_NAME, STAGES_DIR, check_location
 from .targets import target_summary
-from .train import TrainSettings, fit
+from .train import TrainSettings, fit, predict
 
 VLM_RECIPES = ("ogkd",)
 PROTOCOLS = ("base2novel", "all")
+DEPLOYS = ("folded", "student")
 # Folding is exact algebra: folded and prompt-tuned logits may differ by float rounding only.
 FOLD_TOLERANCE = 1e-5
 
@@ -76,6 +82,11 @@ class OGKDSettings:
     novel_in_graph: bool
     align_epochs: int
     align_lr: float
+    deploy: str
+    student_epochs: int
+    student_lr: float
+    student_kd_weight: float
+    student_temperature: float
 
 
 def ogkd_settings(recipe: DictConfig) -> OGKDSettings:
@@ -89,7 +100,7 @@ def ogkd_settings(recipe: DictConfig) -> OGKDSettings:
             raise ConfigError(f"recipe.{key} must be {kind} {'>' if strict else '>='} {low:g}, got '{value}'")
         return value
 
-    for key, choices in (("objective", LOSSES), ("protocol", PROTOCOLS)):
+    for key, choices in (("objective", LOSSES), ("protocol", PROTOCOLS), ("deploy", DEPLOYS)):
         if recipe[key] not in choices:
             raise ConfigError(f"recipe.{key} must be one of {', '.join(choices)}, got '{recipe[key]}'")
     for key in ("class_specific", "novel_in_graph"):
@@ -98,8 +109,9 @@ def ogkd_settings(recipe: DictConfig) -> OGKDSettings:
     if recipe.class_specific and recipe.protocol == "base2novel":
         raise ConfigError("recipe.class_specific=true learns one context per base class, which cannot serve novel "
                           "classes; use recipe.protocol=all or class_specific=false")
-    if not 0 < number("top_k_ratio", strict=True) <= 1:
-        raise ConfigError(f"recipe.top_k_ratio must be in (0, 1], got '{recipe.top_k_ratio}'")
+    for key in ("top_k_ratio", "student_kd_weight"):
+        if not 0 < number(key, strict=True) <= 1:
+            raise ConfigError(f"recipe.{key} must be in (0, 1], got '{recipe[key]}'")
     shots = None if recipe.shots is None else number("shots", 0, strict=True, integer=True)
     weights = OGKDWeights(loss=recipe.objective, lambda_sccm=float(number("lambda_sccm")),
                           lambda_gad=float(number("lambda_gad")), lambda_lgd=float(number("lambda_lgd")),
@@ -113,7 +125,11 @@ def ogkd_settings(recipe: DictConfig) -> OGKDSettings:
                         lr=float(number("lr", strict=True)), graph_alpha=float(number("graph_alpha")),
                         lambda_novel=float(number("lambda_novel")), novel_in_graph=recipe.novel_in_graph,
                         align_epochs=number("align_epochs", integer=True),
-                        align_lr=float(number("align_lr", strict=True)))
+                        align_lr=float(number("align_lr", strict=True)), deploy=recipe.deploy,
+                        student_epochs=number("student_epochs", strict=True, integer=True),
+                        student_lr=float(number("student_lr", strict=True)),
+                        student_kd_weight=float(recipe.student_kd_weight),
+                        student_temperature=float(number("student_temperature", strict=True)))
 
 
 def split_classes(num_classes: int, protocol: str) -> tuple[list[int], list[int]]:
@@ -300,8 +316,13 @@ def run_vlm(cfg: DictConfig, ctx: DistContext) -> dict:
             folded, fold_report = fold(inputs, recipe)
         atomic_save(run_dir / "prompts.safetensors",
                     lambda tmp: save_file({"ctx": learner.ctx.detach().contiguous()}, str(tmp)))
+        deployed = {"name": "folded prompt classifier (VLM image encoder + linear)", "model": folded}
+        if s.deploy == "student":
+            with stages("student_distillation"):
+                deployed = distil_student(cfg, inputs, folded, templates, base_set, (shots, validation),
+                                          (base_tokens, test_tokens), progress, log)
         with stages("export"):
-            export = run_export(cfg, run_dir, task, {"model": folded}, inputs.plan, log, progress)
+            export = run_export(cfg, run_dir, task, {"model": deployed["model"]}, inputs.plan, log, progress)
         report = {
             "run": {"recipe": "ogkd", "objective": s.weights.loss, "protocol": s.protocol, "run_dir": str(run_dir),
                     "seed": cfg.seed, "wall_time_s": round(time.perf_counter() - started, 1),
@@ -319,8 +340,8 @@ def run_vlm(cfg: DictConfig, ctx: DistContext) -> dict:
             "training": {"settings": OmegaConf.to_container(cfg.recipe), "history": history,
                          "trainable_parameters": learner.ctx.numel(), "class_graph_novel_names": s.novel_in_graph},
             "vlm": {"validation": {**checked, "images": len(validation)}, "test": scores, "fold": fold_report, "deployed_classes": len(task.class_names)},
-            "student": {"name": "folded prompt classifier (VLM image encoder + linear)",
-                        "parameters": count_parameters(folded)},
+            "student": {**{k: v for k, v in deployed.items() if k != "model"},
+                        "parameters": count_parameters(deployed["model"])},
             "export": export,
             "target": target_summary(cfg.target, export),
             "provenance": {"medkd_source": source, "data": data_digest(task),
@@ -330,6 +351,54 @@ def run_vlm(cfg: DictConfig, ctx: DistContext) -> dict:
         log(f"{deployed_summary(export)}; report: {md_path}")
         write_manifest(run_dir)
         return report
+
+
+def distil_student(cfg: DictConfig, inputs: VLMInputs, folded: torch.nn.Module, templates: torch.Tensor,
+                   base_set: ImageSet, shots_and_validation, tokens, progress, log) -> dict:
+    """recipe.deploy=student: student=... trained on the base classes' training images (labels on
+    the shots only; validation held out) to match the folded model's logits over every class
+    with the geometry-aware loss; scored on the test split beside the folded model."""
+    s, task, vlm = inputs.settings, inputs.task, inputs.vlm
+    (shots, validation), (base_tokens, test_tokens) = shots_and_validation, tokens
+    with torch.no_grad():
+        base_logits = folded.classifier(vlm.image_features(base_tokens)[:, 0])
+        test_logits = folded.classifier(vlm.image_features(test_tokens)[:, 0])
+    every = torch.arange(len(base_set))
+    labels = torch.tensor(inputs.base)[base_set.labels]  # global class ids
+    shown = torch.where(torch.isin(every, shots), labels, torch.full_like(labels, UNLABELLED))
+    rows = every[~torch.isin(every, validation)]
+    val = ImageSet(base_set.images[validation], labels[validation]) if len(validation) else None
+    student = build_student(cfg.student, task.num_classes, task.in_chans, task.image_size)
+    recipe = GeometryStudent(student, class_graph(templates.mean(dim=1), s.graph_alpha), s.weights.gamma,
+                             s.student_kd_weight, s.student_temperature)
+    settings = TrainSettings(epochs=s.student_epochs, batch_size=s.batch_size, lr=s.student_lr,
+                             weight_decay=cfg.train.weight_decay, seed=cfg.seed, progress=progress)
+    log(f"student {cfg.student.name}: {len(rows)} base-class training images ({len(shots)} labelled), "
+        f"targets: the folded model's logits over {task.num_classes} classes")
+    result = fit(recipe, ImageSet(base_set.images[rows], shown[rows]), val, settings,
+                 inputs.run_dir / STAGES_DIR / "student_distillation", inputs.fingerprint, base_logits[rows],
+                 base_logits[validation] if val is not None else None, resume=cfg.resume, log=log)
+    model = recipe.deployable().eval()
+    scores = {"student": split_accuracies(predict(model, task.test.images), task.test.labels, inputs),
+              "folded_teacher": split_accuracies(test_logits, task.test.labels, inputs)}
+    log("student test accuracy: " + ", ".join(f"{k} {v:.4f}" for k, v in scores["student"].items() if v is not None))
+    return {"name": cfg.student.name, "model": model,
+            "distillation": {"history": result.history, "train_images": len(rows), "labelled": len(shots),
+                             "validation_images": len(validation), "test": scores}}
+
+
+def split_accuracies(logits: torch.Tensor, labels: torch.Tensor, inputs: VLMInputs) -> dict:
+    """Accuracy among every class, and on base / novel images each among its own classes."""
+    result = {"all": (logits.argmax(1) == labels).float().mean().item()}
+    for split, classes in (("base", inputs.base), ("novel", inputs.novel)):
+        rows = torch.isin(labels, torch.tensor(classes, dtype=torch.long))
+        if not classes or not rows.any():
+            result[split] = None
+            continue
+        columns = logits[rows][:, torch.tensor(classes)]
+        result[split] = (columns.argmax(1) == remap(labels[rows], classes)).float().mean().item()
+    result["harmonic_mean"] = harmonic_mean(result["base"], result["novel"])
+    return result
 
 
 def align(cfg: DictConfig, inputs: VLMInputs, train: ImageSet, train_tokens: torch.Tensor, progress, log) -> dict:
