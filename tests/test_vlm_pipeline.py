@@ -123,3 +123,11 @@ def test_mri_regions_merges_hemispheres_and_keeps_train_and_test_apart():
     assert counts.min() == counts.max() == 24  # balanced test classes
     assert set(task.provenance["class_lobe"]) == set(task.class_names)
     assert "zero shared voxels" in task.provenance["split_rule"]
+
+
+def test_an_image_recipe_refuses_a_vision_language_teacher_in_one_line(tmp_path, capsys):
+    assert main(["recipe=kd", "teacher=open_clip", f"run_dir={tmp_path / 'run'}", "progress=false"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "teacher=open_clip is a vision-language model, used by recipe=ogkd only" in err
+    assert "litemedsam" in err and "Traceback" not in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Callable, TypeVar
 
-from ..errors import UserError
+from ..errors import ConfigError, UserError
 
 _TEACHERS: dict[str, Callable] = {}
 _STUDENTS: dict[str, Callable] = {}
@@ -57,6 +57,12 @@ def _lookup(table: dict[str, Callable], kind: str, name) -> Callable:
 
 
 def get_teacher_builder(name) -> Callable:
+    if name not in _TEACHERS:
+        from .vlm import available_vlms
+
+        if name in available_vlms():  # the image recipes do not take a VLM's image tower
+            raise ConfigError(f"teacher={name} is a vision-language model, used by recipe=ogkd only; this recipe "
+                            f"needs an image teacher: {', '.join(sorted(_TEACHERS))} (teacher=NAME)")
     return _lookup(_TEACHERS, "teacher", name)
 
 

@@ -108,10 +108,15 @@ class FoldedPromptClassifier(nn.Module):
         return self.classifier(F.normalize(self.image_projection(global_token), dim=-1))
 
 
-def build_vlm(cfg) -> VisionLanguageModel:
-    """The VLM `teacher` names (lit-vlm, open_clip); one-line ConfigError otherwise."""
+def available_vlms() -> list[str]:
     from . import lit_vlm, open_clip_vlm  # noqa: F401 (register the builders)
 
+    return sorted(_VLMS)
+
+
+def build_vlm(cfg) -> VisionLanguageModel:
+    """The VLM `teacher` names (lit-vlm, open_clip); one-line ConfigError otherwise."""
+    available_vlms()
     values = _cfg_dict(cfg)
     name = values.get("name")
     if name not in _VLMS:
