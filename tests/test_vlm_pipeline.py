@@ -52,6 +52,14 @@ def test_ogkd_aligns_tunes_prompts_folds_and_exports(tiny, tmp_path):
     assert verify([str(run_dir)]) == 0
     resumed = run(load_config(tiny("data.image_size=32", "teacher.input_size=32", "resume=true")))
     assert resumed["vlm"]["test"] == scores  # nothing trains again
+    # A new run on the same inputs takes the alignment from the cache (keyed by its inputs).
+    assert report["teacher"]["alignment"]["from_cache"] is False
+    again = run(load_config(TINY + [f"run_dir={tmp_path / 'again'}", f"cache_dir={tmp_path / 'cache'}",
+                                    "data.image_size=32", "teacher.input_size=32"]))
+    assert again["teacher"]["alignment"]["from_cache"] is True
+    assert not (tmp_path / "again" / "stages" / "alignment").exists()
+    assert again["teacher"]["alignment"]["logit_scale"] == report["teacher"]["alignment"]["logit_scale"]
+    assert again["vlm"]["test"] == scores
 
 
 def test_ogkd_takes_an_open_clip_model_from_a_local_folder_and_deploys_a_student(tiny, tmp_path):
@@ -131,3 +139,19 @@ def test_an_image_recipe_refuses_a_vision_language_teacher_in_one_line(tmp_path,
     assert "teacher=open_clip is a vision-language model, used by recipe=ogkd only" in err
     assert "litemedsam" in err and "Traceback" not in err and len(err.splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_a_damaged_alignment_cache_entry_is_trained_again_with_a_warning(tmp_path):
+    from types import SimpleNamespace
+
+    from medkd.toolchain.vlm_pipeline import _load_alignment
+
+    vlm = SimpleNamespace(image_projection=torch.nn.Linear(4, 3, bias=False),
+                          text_projection=torch.nn.Linear(5, 3, bias=False),
+                          logit_scale=torch.nn.Parameter(torch.zeros(())))
+    before = vlm.image_projection.weight.detach().clone()
+    path = tmp_path / "vlm-alignment-x.safetensors"
+    path.write_bytes(b"not a safetensors file")
+    with pytest.warns(RuntimeWarning, match="alignment cache .* is unreadable"):
+        assert _load_alignment(path, vlm) is None
+    assert torch.equal(vlm.image_projection.weight, before)

@@ -5,7 +5,8 @@
     image_tokens     the frozen image encoder's tokens for every image (cached, teacher.backend)
     alignment        (teacher=lit-vlm only) its projections and logit scale, trained on every
                      training image of the base classes and their descriptions (recipes/ogkd.py
-                     Alignment): the demonstration VLM's "pretraining", before any prompt
+                     Alignment): the demonstration VLM's "pretraining", before any prompt; cached
+                     in cache_dir like the image tokens, keyed by everything it depends on
     prompt_tuning    the context vectors, on the base classes' few shots (recipe.objective:
                      ogkd | coop | kd)
     test_evaluation  base and novel accuracy (each among its own classes) and their harmonic
@@ -27,8 +28,11 @@ recipe.novel_in_graph (the official code's default), as text only.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -36,6 +40,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from medkd.recipes import UNLABELLED
@@ -49,7 +54,7 @@ from .data.region_text import GENERIC_TEMPLATES, descriptions
 from .distributed import DistContext
 from .errors import ConfigError, UserError
 from .export_stage import deployed_summary, make_plan, run_export
-from .features import teacher_features
+from .features import images_digest, teacher_features
 from .models.students import build_student, count_parameters
 from .models.teacher_runtime import runtime_extractor
 from .models.vlm import FoldedPromptClassifier, build_vlm
@@ -401,19 +406,70 @@ def split_accuracies(logits: torch.Tensor, labels: torch.Tensor, inputs: VLMInpu
     return result
 
 
-def align(cfg: DictConfig, inputs: VLMInputs, train: ImageSet, train_tokens: torch.Tensor, progress, log) -> dict:
-    """The lit-vlm projections on base-class images and their descriptions; saved to the run."""
+ALIGNMENT_KEYS = ("image_projection", "text_projection", "logit_scale")
+
+
+def alignment_weights(vlm) -> dict[str, torch.Tensor]:
+    return {"image_projection": vlm.image_projection.weight.detach().contiguous(),
+            "text_projection": vlm.text_projection.weight.detach().contiguous(),
+            "logit_scale": vlm.logit_scale.detach().reshape(1).contiguous()}
+
+
+def alignment_cache_path(cfg: DictConfig, inputs: VLMInputs, train: ImageSet, hidden: torch.Tensor) -> Path | None:
+    """cache_dir/vlm-alignment-<key>.safetensors, the key a digest of everything the stage's result
+    depends on: the image encoder's fingerprint, the frozen description features, the images and
+    labels, the starting weights (architecture and seed) and the training settings."""
+    if not cfg.cache_dir:
+        return None
     s, vlm = inputs.settings, inputs.vlm
-    recipe = Alignment(vlm, text_hidden(vlm, [inputs.texts[c] for c in inputs.base]))
-    settings = TrainSettings(epochs=s.align_epochs, batch_size=s.batch_size, lr=s.align_lr,
-                             weight_decay=cfg.train.weight_decay, seed=cfg.seed, progress=progress)
-    history = fit(recipe, train, None, settings, inputs.run_dir / STAGES_DIR / "alignment", inputs.fingerprint,
-                  train_tokens, resume=cfg.resume, log=log).history
-    weights = {"image_projection": vlm.image_projection.weight, "text_projection": vlm.text_projection.weight,
-               "logit_scale": vlm.logit_scale.detach().reshape(1)}
+    digest = hashlib.sha256(vlm.image_encoder.fingerprint.encode())
+    for tensor in (hidden, train.images, train.labels, *alignment_weights(vlm).values()):
+        digest.update(images_digest(tensor).encode())
+    digest.update(json.dumps([s.align_epochs, s.align_lr, s.batch_size, float(cfg.train.weight_decay),
+                              int(cfg.seed)]).encode())
+    return Path(cfg.cache_dir) / f"vlm-alignment-{digest.hexdigest()[:32]}.safetensors"
+
+
+def _load_alignment(path: Path, vlm) -> list | None:
+    """Copy a cached alignment into `vlm`; its training history, or None if the file is damaged."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            weights = {k: f.get_tensor(k) for k in ALIGNMENT_KEYS}
+            history = json.loads(f.metadata()["history"])
+        with torch.no_grad():
+            for key, target in zip(ALIGNMENT_KEYS, (vlm.image_projection.weight, vlm.text_projection.weight,
+                                                    vlm.logit_scale)):
+                target.copy_(weights[key].reshape(target.shape))
+    except Exception as exc:  # truncated file, missing key, wrong shape
+        warnings.warn(f"alignment cache {path} is unreadable ({type(exc).__name__}); training it again",
+                      RuntimeWarning, stacklevel=2)
+        return None
+    return history
+
+
+def align(cfg: DictConfig, inputs: VLMInputs, train: ImageSet, train_tokens: torch.Tensor, progress, log) -> dict:
+    """The lit-vlm projections on base-class images and their descriptions, taken from the cache
+    when the same inputs were aligned before; saved to the run either way."""
+    s, vlm = inputs.settings, inputs.vlm
+    hidden = text_hidden(vlm, [inputs.texts[c] for c in inputs.base])
+    cached = alignment_cache_path(cfg, inputs, train, hidden)
+    history = _load_alignment(cached, vlm) if cached is not None and cached.is_file() else None
+    from_cache = history is not None
+    if from_cache:
+        log(f"alignment: from the cache ({cached.name})")
+    else:
+        recipe = Alignment(vlm, hidden)
+        settings = TrainSettings(epochs=s.align_epochs, batch_size=s.batch_size, lr=s.align_lr,
+                                 weight_decay=cfg.train.weight_decay, seed=cfg.seed, progress=progress)
+        history = fit(recipe, train, None, settings, inputs.run_dir / STAGES_DIR / "alignment", inputs.fingerprint,
+                      train_tokens, resume=cfg.resume, log=log).history
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            atomic_save(cached, lambda tmp: save_file(alignment_weights(vlm), str(tmp),
+                                                      metadata={"history": json.dumps(history)}))
     atomic_save(inputs.run_dir / "vlm_alignment.safetensors",
-                lambda tmp: save_file({k: v.detach().contiguous() for k, v in weights.items()}, str(tmp)))
-    return {"history": history, "images": len(train), "classes": len(inputs.base),
+                lambda tmp: save_file(alignment_weights(vlm), str(tmp)))
+    return {"history": history, "images": len(train), "classes": len(inputs.base), "from_cache": from_cache,
             "weights": "vlm_alignment.safetensors", "logit_scale": float(vlm.logit_scale.exp())}
 
 
