@@ -268,7 +268,9 @@ class GeometryStudent(Recipe):
     prompt-tuning GAD, and why: its sum / (B C) would make the term C times weaker beside the
     cross-entropy of a student that starts from random weights, and the folded teacher's logits
     (cosines times a scale near 100) need softening. Unlabelled rows (UNLABELLED) carry the KL
-    term only, so the base classes' training images beyond the few shots serve as a transfer set."""
+    term only, so the base classes' training images beyond the few shots serve as a transfer set.
+    As in GAD, q~ is not renormalised, so the KL term (and the logged loss) can be negative; its
+    minimiser is still the student distribution proportional to exp(log q~)."""
 
     name = "ogkd-student"
     needs_teacher = True

@@ -470,7 +470,7 @@ def align(cfg: DictConfig, inputs: VLMInputs, train: ImageSet, train_tokens: tor
     atomic_save(inputs.run_dir / "vlm_alignment.safetensors",
                 lambda tmp: save_file(alignment_weights(vlm), str(tmp)))
     return {"history": history, "images": len(train), "classes": len(inputs.base), "from_cache": from_cache,
-            "weights": "vlm_alignment.safetensors", "logit_scale": float(vlm.logit_scale.exp())}
+            "weights": "vlm_alignment.safetensors", "logit_scale": float(vlm.logit_scale.detach().exp())}
 
 
 @torch.no_grad()
