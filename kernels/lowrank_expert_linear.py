@@ -46,6 +46,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -345,8 +346,6 @@ def gpu_tiles(kernel: str, dtype: torch.dtype, rank: int) -> LowRankTiles:
     """The tiles `kernel` ("fwd" | "bwd") launches with on a GPU: the tuning file named by
     MEDKD_KERNEL_TILES where it has the entry, else GPU_TILES; one pipeline stage less above
     rank 64 (the backward's shared memory would pass sm_80's limit)."""
-    import os
-
     key = (kernel, str(dtype).removeprefix("torch."))
     path = os.environ.get(TILES_ENV)
     tiles = (_tiles_file(path).get(key) if path else None) or GPU_TILES[key]

@@ -406,13 +406,15 @@ def split_accuracies(logits: torch.Tensor, labels: torch.Tensor, inputs: VLMInpu
     return result
 
 
-ALIGNMENT_KEYS = ("image_projection", "text_projection", "logit_scale")
+def _alignment_parameters(vlm) -> dict[str, torch.Tensor]:
+    """What the alignment stage trains, under the names it is saved by (run folder and cache)."""
+    return {"image_projection": vlm.image_projection.weight, "text_projection": vlm.text_projection.weight,
+            "logit_scale": vlm.logit_scale}
 
 
 def alignment_weights(vlm) -> dict[str, torch.Tensor]:
-    return {"image_projection": vlm.image_projection.weight.detach().contiguous(),
-            "text_projection": vlm.text_projection.weight.detach().contiguous(),
-            "logit_scale": vlm.logit_scale.detach().reshape(1).contiguous()}
+    # safetensors entries are at least 1-d: the scalar logit scale is saved as shape (1,).
+    return {k: p.detach().reshape(p.shape or (1,)).contiguous() for k, p in _alignment_parameters(vlm).items()}
 
 
 def alignment_cache_path(cfg: DictConfig, inputs: VLMInputs, train: ImageSet, hidden: torch.Tensor) -> Path | None:
@@ -433,12 +435,12 @@ def alignment_cache_path(cfg: DictConfig, inputs: VLMInputs, train: ImageSet, hi
 def _load_alignment(path: Path, vlm) -> list | None:
     """Copy a cached alignment into `vlm`; its training history, or None if the file is damaged."""
     try:
+        targets = _alignment_parameters(vlm)
         with safe_open(str(path), "pt") as f:
-            weights = {k: f.get_tensor(k) for k in ALIGNMENT_KEYS}
+            weights = {k: f.get_tensor(k) for k in targets}
             history = json.loads(f.metadata()["history"])
         with torch.no_grad():
-            for key, target in zip(ALIGNMENT_KEYS, (vlm.image_projection.weight, vlm.text_projection.weight,
-                                                    vlm.logit_scale)):
+            for key, target in targets.items():
                 target.copy_(weights[key].reshape(target.shape))
     except Exception as exc:  # truncated file, missing key, wrong shape
         warnings.warn(f"alignment cache {path} is unreadable ({type(exc).__name__}); training it again",
