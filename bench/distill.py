@@ -22,6 +22,7 @@ trained again: its row copies that run's and names it in `same_run_as`.
     python bench/distill.py --seeds 0 --epochs 2 --max-train 256   # quick look
 
     python bench/distill.py --resume --datasets ct   # add ct's runs to the results already there
+    python bench/distill.py --resume --arms lora --device cuda   # train on a GPU (rows record where)
 
 Prints a table (mean ± std of test accuracy over seeds) and writes bench/results/distill.json
 after every run (partial results survive a kill; --resume adds the missing runs to it).
@@ -52,6 +53,7 @@ from medkd.toolchain.errors import UserError
 from medkd.toolchain.data import ImageSet, load_task
 from medkd.toolchain.data.augment import ViewTable, augmentation, draw_view_table, image_specs
 from medkd.toolchain.data.sampling import stratified_fraction
+from medkd.toolchain.device import resolve_device
 from medkd.toolchain.features import teacher_features, view_teacher_features
 from medkd.toolchain.models.students import build_student
 from medkd.toolchain.models.teacher_runtime import runtime_extractor
@@ -105,6 +107,9 @@ def parse_args(argv=None):
     parser.add_argument("--student", default="resnet18")
     parser.add_argument("--override", action="append", default=[],
                         help="extra config override for every run, e.g. teacher.backend=onnxruntime")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where training and test evaluation run (each row records it); teacher features "
+                             "and latency stay on the CPU")
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--resume", action="store_true",
                         help="keep the runs already in --output (same settings) and add only the missing ones; "
@@ -183,6 +188,15 @@ class DatasetContext:
         return self._features[key]
 
 
+def device_description(device: str) -> str:
+    """Where a run trained, as recorded in every row: the CPU (and its threads), or the GPU
+    (teacher features, test evaluation's inputs and the latency still come from the CPU)."""
+    cpu = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    if torch.device(device).type == "cuda":
+        return f"CUDA ({torch.cuda.get_device_name()}); features and latency on {cpu}"
+    return cpu
+
+
 def cpu_latency_ms(model: torch.nn.Module, image_shape, runs: int = 20) -> float:
     """Median batch-1 eager PyTorch latency on the CPU: a like-for-like cost of the deployables."""
     model.eval()
@@ -198,10 +212,12 @@ def cpu_latency_ms(model: torch.nn.Module, image_shape, runs: int = 20) -> float
 
 
 def run_one(cfg, recipe_name: str, task, train: ImageSet, train_feats, test_feats, seed: int, epochs: int, *,
-            recipe_cfg=None, teacher=None, views: ViewTable | None = None, measure_cost: bool = False) -> dict:
+            recipe_cfg=None, teacher=None, views: ViewTable | None = None, measure_cost: bool = False,
+            device: str = "cpu") -> dict:
     """Train one recipe (recipe_cfg, default: the config file of recipe_name) on `train` and score
     it on the test split, once; bench/lorkd.py calls it for its per-task students.
-    train_feats: K x N x D with `views`, else N x D; teacher: the frozen module (recipe=lora)."""
+    train_feats: K x N x D with `views`, else N x D; teacher: the frozen module (recipe=lora);
+    device: where training and the test evaluation run (the latency is always the CPU's)."""
     torch.manual_seed(seed)
     recipe_cfg = recipe_cfg if recipe_cfg is not None else load_config([f"recipe={recipe_name}"]).recipe
     student = build_student(cfg.student, task.num_classes, task.in_chans, task.image_size)
@@ -211,9 +227,9 @@ def run_one(cfg, recipe_name: str, task, train: ImageSet, train_feats, test_feat
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as run_dir:
         fit(recipe, train, None, settings, Path(run_dir), "bench", train_feats if recipe.needs_teacher else None,
-            log=lambda line: None, augment=views)
+            log=lambda line: None, augment=views, device=device)
     train_seconds = time.perf_counter() - started
-    deployed = recipe.deployable()
+    recipe.to(device)  # fit returns it on the CPU
     # The test split is evaluated once, after training (fit never sees it).
     row = {
         "test_accuracy": accuracy(predict(recipe.evaluation_model(), task.test.images), task.test.labels),
@@ -223,8 +239,11 @@ def run_one(cfg, recipe_name: str, task, train: ImageSet, train_feats, test_feat
         "labelled": int((train.labels != UNLABELLED).sum()),
         "epochs": epochs,
         "train_seconds": round(train_seconds, 1),
-        "deployed_parameters": sum(p.numel() for p in deployed.parameters()),
+        "device": device_description(device),
     }
+    recipe.to("cpu")
+    deployed = recipe.deployable()
+    row["deployed_parameters"] = sum(p.numel() for p in deployed.parameters())
     if measure_cost:
         row["cpu_latency_ms_batch1"] = round(cpu_latency_ms(deployed, task.test.images.shape[1:]), 3)
     return row
@@ -249,7 +268,7 @@ def run_arm(args, data: DatasetContext, dataset: str, teacher: str, arm: str, la
         train_feats = all_train[index] if data.views is None else all_train[:, index]
     views = None if data.views is None else ViewTable(data.views.params[:, index])
     return run_one(cfg, cfg.recipe.name, task, train, train_feats, test_feats, seed, epochs, recipe_cfg=cfg.recipe,
-                   teacher=data.teacher, views=views, measure_cost=measure_cost)
+                   teacher=data.teacher, views=views, measure_cost=measure_cost, device=args.device)
 
 
 def recipe_identity(args, dataset: str, teacher: str, arm: str) -> dict:
@@ -335,6 +354,8 @@ def load_previous(args) -> dict:
     if previous.get("settings") != run_settings(args):
         raise UserError(f"--resume: {args.output} was measured with {previous.get('settings')}, this run "
                         f"uses {run_settings(args)}; use another --output")
+    for row in previous.get("runs", []):  # files from before rows named their device: the file's one device
+        row.setdefault("device", previous["device"])
     return previous
 
 
@@ -349,7 +370,7 @@ def write_results(args, rows: list[dict], augment: dict, commands: list[str], fi
         "command": " && ".join(commands),
         "complete": not gaps,
         "left_out": gaps,
-        "device": f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": "; ".join(sorted({r["device"] for r in rows})) or device_description(args.device),
         "torch": torch.__version__,
         "settings": run_settings(args),
         "teachers": sorted({r["teacher"] for r in rows}), "student": args.student,
@@ -383,6 +404,7 @@ def same_run(args, rows: list[dict], row: dict) -> dict | None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    args.device = str(resolve_device(args.device))  # --device cuda without a GPU: a one-line error
     previous = load_previous(args)
     rows, augment = previous.get("runs", []), previous.get("augmentation", {})
     commands = [c for c in previous.get("command", "").split(" && ") if c]

@@ -13,7 +13,8 @@ def bench(load_bench):
 
 
 def _rows(bench, datasets, fractions=(1.0, 0.1), seeds=(0, 1, 2), arms=None, teacher="litemedsam"):
-    return [{"teacher": teacher, "dataset": d, "fraction": f, "seed": s, "arm": a, "test_accuracy": 0.5}
+    return [{"teacher": teacher, "dataset": d, "fraction": f, "seed": s, "arm": a, "test_accuracy": 0.5,
+             "device": "CPU (test)"}
             for d in datasets for f in fractions for s in seeds for a in (arms or bench.ARMS)]
 
 
@@ -64,3 +65,29 @@ def test_an_arm_with_the_config_of_a_run_already_made_is_recorded_not_retrained(
     assert bench.same_run(args, rows, {**row, "arm": "rd-no-cka"}) is None
     assert bench.same_run(args, rows, {**row, "fraction": 1.0, "arm": "rd-paper"}) is None  # other labels
     assert bench.same_run(args, rows, {**row, "arm": "scratch"}) is None  # another recipe
+
+
+def test_the_file_names_every_device_its_runs_trained_on(bench, tmp_path):
+    out = tmp_path / "distill.json"
+    args = bench.parse_args(["--resume", "--output", str(out)])
+    rows = _rows(bench, ["ct"], seeds=(0,))
+    rows[0]["device"] = "CUDA (a GPU); features and latency on CPU (test)"
+    bench.write_results(args, rows, {}, ["python bench/distill.py"], True)
+    assert json.loads(out.read_text())["device"] == "CPU (test); CUDA (a GPU); features and latency on CPU (test)"
+    # A file written before rows named their device: each row takes the file's device on --resume.
+    legacy = json.loads(out.read_text())
+    legacy["device"] = "CPU (old, 2 threads)"
+    for row in legacy["runs"]:
+        del row["device"]
+    out.write_text(json.dumps(legacy))
+    assert {r["device"] for r in bench.load_previous(args)["runs"]} == {"CPU (old, 2 threads)"}
+
+
+def test_training_on_a_gpu_that_is_not_there_is_a_one_line_error(bench, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible here")
+    with pytest.raises(bench.UserError, match="no CUDA GPU"):
+        bench.main(["--device", "cuda", "--output", str(tmp_path / "d.json")])
+    assert bench.device_description("cpu").startswith("CPU (")
