@@ -85,6 +85,18 @@ def test_ogkd_takes_an_open_clip_model_from_a_local_folder_and_deploys_a_student
     assert "Student distilled from the folded model (mobilenetv3)" in (tmp_path / "run" / "report.md").read_text()
 
 
+def test_ogkd_tunes_and_folds_a_biomedclip_style_model_from_local_files(tiny, tmp_path):
+    from test_vlm import write_tiny_biomedclip
+
+    write_tiny_biomedclip(tmp_path / "clip", text_dir=tmp_path / "biomedbert")
+    report = run(load_config(tiny("teacher=open_clip", f"teacher.model=local-dir:{tmp_path / 'clip'}",
+                                  f"teacher.text_dir={tmp_path / 'biomedbert'}", "data.image_size=32")))
+    assert report["teacher"]["alignment"] is None
+    assert set(report["training"]["history"][-1]) >= {"ce", "gad", "lgd"}  # LGD reached the timm ViT's patches
+    assert report["vlm"]["fold"]["max_abs_diff"] <= 1e-5
+    assert report["export"]["models"]["model"]["formats"]["onnx"]["parity"]["top1_agreement"] >= 0.999
+
+
 @pytest.mark.parametrize("extra, fragment", [
     (["recipe.objective=fancy"], "recipe.objective must be one of"),
     (["recipe.class_specific=true"], "cannot serve novel classes"),

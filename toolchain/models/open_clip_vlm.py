@@ -2,18 +2,23 @@
 
     teacher=open_clip teacher.model=ViT-B-16 teacher.weights=/models/clip.safetensors
     teacher=open_clip teacher.model=local-dir:/models/my-clip     # open_clip_config.json + weights
+    teacher=open_clip teacher.model=local-dir:/models/biomedclip teacher.text_dir=/models/biomedbert
 
-Nothing is downloaded: a model name alone (no weights) is refused, a `local-dir:` folder must
-hold open_clip_config.json and its weights, and the tokenizer must be open_clip's built-in
-BPE tokenizer (shipped in the wheel). Supported towers: open_clip's own VisionTransformer
-(class-token or average pooling, no attention pooling) and its own text transformer, which is
-what prompt tuning and LGD need to reach (input embeddings, patch tokens). Towers built from
-timm or Hugging Face models (BiomedCLIP's PubMedBERT text) are refused with that reason; they
-have not been wired in.
+Nothing is downloaded: a model name alone (no weights) is refused, and a `local-dir:` folder
+must hold open_clip_config.json and its weights. Towers (prompt tuning and LGD need the text
+encoder's input embeddings and the image encoder's patch tokens):
+  image  open_clip's own VisionTransformer (class-token or average pooling, no attention
+         pooling), or a timm VisionTransformer trunk (BiomedCLIP's ViT-B/16) with open_clip's
+         linear/MLP projection head
+  text   open_clip's own text transformer with its built-in BPE tokenizer, or a Hugging Face
+         encoder (BiomedCLIP's PubMedBERT). Its architecture (config.json) and tokenizer files
+         come from `teacher.text_dir` (default: the local-dir folder), which replaces the hub
+         name in the config; its weights come from the CLIP checkpoint, as for every tower.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -30,11 +35,12 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-class OpenCLIPTokens(nn.Module):
-    """Images in [0, 1] -> N x (1 + P) * width (flat rows of tokens): the vision transformer's tokens after its final
-    norm, pooled (global) token first, before the projection."""
+class CLIPImageTokens(nn.Module):
+    """Images in [0, 1] -> N x (1 + P) * width (flat rows of tokens): the pooled (global) token
+    first, then the patch tokens, after the tower's final norm and before the projection.
+    Subclasses say how their tower gives them (`extract`)."""
 
-    def __init__(self, visual: nn.Module, fingerprint: str):
+    def __init__(self, visual: nn.Module, fingerprint: str, width: int, patches: int):
         super().__init__()
         self.visual = visual
         size = visual.image_size
@@ -42,9 +48,8 @@ class OpenCLIPTokens(nn.Module):
         preprocess = getattr(visual, "preprocess_cfg", None) or {}
         self.register_buffer("mean", torch.tensor(preprocess.get("mean", CLIP_MEAN)).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(preprocess.get("std", CLIP_STD)).view(1, 3, 1, 1), persistent=False)
-        self.width = visual.ln_post.normalized_shape[0]
-        grid = visual.grid_size
-        self.tokens = 1 + grid[0] * grid[1]
+        self.width = width
+        self.tokens = 1 + patches
         self.feature_dim = self.tokens * self.width  # flat rows, as every cached extractor gives them
         self.fingerprint = fingerprint
 
@@ -55,6 +60,20 @@ class OpenCLIPTokens(nn.Module):
         if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
         return (x - self.mean) / self.std
+
+    def extract(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.extract(self.preprocess(images))
+
+
+class OpenCLIPTokens(CLIPImageTokens):
+    """open_clip's own VisionTransformer."""
+
+    def __init__(self, visual: nn.Module, fingerprint: str):
+        grid = visual.grid_size
+        super().__init__(visual, fingerprint, visual.ln_post.normalized_shape[0], grid[0] * grid[1])
 
     def extract(self, x: torch.Tensor) -> torch.Tensor:
         visual = self.visual
@@ -68,8 +87,21 @@ class OpenCLIPTokens(nn.Module):
         pooled, tokens = visual._global_pool(visual.ln_post(x))
         return torch.cat([pooled[:, None], tokens], dim=1).reshape(-1, self.feature_dim)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.extract(self.preprocess(images))
+
+class TimmViTTokens(CLIPImageTokens):
+    """A timm VisionTransformer trunk inside open_clip's TimmModel (BiomedCLIP): its own pooling
+    (class token or average, timm's forward_head without the classifier) gives the global token;
+    the prefix (class/register) tokens are dropped from the patch tokens."""
+
+    def __init__(self, visual: nn.Module, fingerprint: str):
+        trunk = visual.trunk
+        super().__init__(visual, fingerprint, trunk.num_features, trunk.patch_embed.num_patches)
+
+    def extract(self, x: torch.Tensor) -> torch.Tensor:
+        trunk = self.visual.trunk
+        tokens = trunk.forward_features(x)
+        pooled = trunk.forward_head(tokens, pre_logits=True)
+        return torch.cat([pooled[:, None], tokens[:, trunk.num_prefix_tokens:]], dim=1).reshape(-1, self.feature_dim)
 
 
 class MatrixProjection(nn.Module):
@@ -84,19 +116,21 @@ class MatrixProjection(nn.Module):
 
 
 class OpenCLIPVLM(VisionLanguageModel):
+    """open_clip's own text transformer (CLIP) with its BPE tokenizer."""
+
     name = "open_clip"
 
     def __init__(self, model: nn.Module, tokenizer, fingerprint: str):
-        check_supported(model)
-        super().__init__(OpenCLIPTokens(model.visual, fingerprint), MatrixProjection(model.visual.proj),
-                         float(model.logit_scale.detach()))
+        image_encoder, image_projection = image_tower(model.visual, fingerprint)
+        super().__init__(image_encoder, image_projection, float(model.logit_scale.detach()))
         self.text_model = model
         model.visual = None  # its weights now live in image_encoder; the text tower stays here
         self.tokenizer = tokenizer
 
     @property
     def embed_dim(self) -> int:
-        return self.image_projection.proj.shape[1]
+        with torch.no_grad():  # the projection's output width, whatever form the head takes
+            return self.image_projection(torch.zeros(1, self.image_encoder.width)).shape[-1]
 
     def tokenize(self, texts):
         ids = self.tokenizer(texts)
@@ -116,16 +150,56 @@ class OpenCLIPVLM(VisionLanguageModel):
         return projection(x) if isinstance(projection, nn.Linear) else x @ projection
 
 
-def check_supported(model: nn.Module) -> None:
-    from open_clip.transformer import VisionTransformer
+class HFTextCLIPVLM(OpenCLIPVLM):
+    """A Hugging Face text encoder (open_clip's HFTextEncoder: BiomedCLIP's PubMedBERT), fed
+    input embeddings; its pooler and projection as open_clip applies them."""
 
-    visual = getattr(model, "visual", None)
-    if not isinstance(visual, VisionTransformer) or visual.attn_pool is not None or visual.final_ln_after_pool:
-        raise ConfigError(f"teacher=open_clip supports open_clip's own VisionTransformer image tower (no attention "
-                          f"pooling); this model has {type(visual).__name__}")
-    if not hasattr(model, "token_embedding") or visual.proj is None:
-        raise ConfigError("teacher=open_clip supports open_clip's own text transformer (CLIP); this model's text "
-                          "tower is a timm/Hugging Face one (e.g. BiomedCLIP), which is not wired in")
+    def tokenize(self, texts):
+        ids = self.tokenizer(texts)  # padded to the context length
+        mask = (ids != self.text_model.text.config.pad_token_id).long()
+        longest = int(mask.sum(1).max())
+        return ids[:, :longest], mask[:, :longest]
+
+    def token_embedding(self, ids):
+        return self.text_model.text.transformer.get_input_embeddings()(ids)
+
+    def encode_text_embeddings(self, embeddings, ids, mask):
+        text = self.text_model.text
+        out = text.transformer(inputs_embeds=embeddings, attention_mask=mask)
+        return text.proj(text.pooler(out, mask))
+
+
+def image_tower(visual: nn.Module, fingerprint: str) -> tuple[CLIPImageTokens, nn.Module]:
+    """(token extractor, projection applied to every token) for a supported image tower; a
+    one-line ConfigError for any other."""
+    from open_clip.timm_model import TimmModel
+    from open_clip.transformer import VisionTransformer
+    from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
+
+    if isinstance(visual, VisionTransformer) and visual.attn_pool is None and not visual.final_ln_after_pool \
+            and visual.proj is not None:
+        return OpenCLIPTokens(visual, fingerprint), MatrixProjection(visual.proj)
+    if isinstance(visual, TimmModel) and isinstance(visual.trunk, TimmVisionTransformer) and "pool" not in visual.head:
+        # Projection: the trunk's own classifier (Identity when open_clip adds a head) then open_clip's head.
+        return TimmViTTokens(visual, fingerprint), nn.Sequential(visual.trunk.head, visual.head)
+    tower = type(getattr(visual, "trunk", visual)).__name__
+    raise ConfigError(f"teacher=open_clip supports a VisionTransformer image tower (open_clip's own without "
+                      f"attention pooling, or a timm ViT); this model has {tower}")
+
+
+def _text_tower(model_cfg: dict, text_dir: Path | None) -> dict | None:
+    """The config's text_cfg with its Hugging Face tower pointed at local files (None: open_clip's
+    own text transformer). One-line UserError where the files are missing."""
+    text_cfg = dict(model_cfg.get("text_cfg") or {})
+    hub_name = text_cfg.get("hf_model_name")
+    if not hub_name:
+        return None
+    if text_dir is None or not (text_dir / "config.json").is_file():
+        raise UserError(f"this CLIP's text tower is the Hugging Face model '{hub_name}' and nothing is downloaded: "
+                        f"set teacher.text_dir to a folder with its config.json and tokenizer files")
+    # The CLIP checkpoint holds the text weights: build the architecture from config.json only.
+    return {**text_cfg, "hf_model_name": str(text_dir), "hf_tokenizer_name": str(text_dir),
+            "hf_model_pretrained": False}
 
 
 @register_vlm("open_clip")
@@ -135,6 +209,7 @@ def build_open_clip_vlm(cfg: dict) -> OpenCLIPVLM:
     except ImportError:
         raise UserError("teacher=open_clip needs open-clip-torch; run `bash scripts/setup.sh`") from None
     name, weights = cfg.get("model"), cfg.get("weights")
+    text_dir = Path(str(cfg["text_dir"])).expanduser() if cfg.get("text_dir") else None
     if not name:
         raise ConfigError("teacher=open_clip needs teacher.model: an open_clip model name with teacher.weights, "
                           "or local-dir:/path/to/folder")
@@ -144,22 +219,38 @@ def build_open_clip_vlm(cfg: dict) -> OpenCLIPVLM:
         if not (folder / "open_clip_config.json").is_file() or not files:
             raise UserError(f"teacher.model={name}: {folder} must hold open_clip_config.json and "
                             f"open_clip_model.safetensors (or open_clip_pytorch_model.bin)")
-        digest_source, pretrained = files[0], None
+        digest_source, pretrained, text_dir = files[0], None, text_dir or folder
+        try:
+            model_cfg = json.loads((folder / "open_clip_config.json").read_text()).get("model_cfg") or {}
+        except (ValueError, AttributeError):
+            raise UserError(f"teacher.model={name}: {folder / 'open_clip_config.json'} is not an open_clip config") from None
     else:
         if not weights:
             raise ConfigError(f"teacher.model={name} needs teacher.weights=/path/to/weights: nothing is downloaded")
         digest_source = Path(str(weights)).expanduser()
         if not digest_source.is_file():
             raise UserError(f"teacher.weights={weights} is not a file")
-        pretrained = str(digest_source)
+        pretrained, model_cfg = str(digest_source), open_clip.get_model_config(str(name)) or {}
+    hf_text = _text_tower(model_cfg, text_dir)
     try:
-        model = open_clip.create_model(str(name), pretrained=pretrained, load_weights=True, device="cpu")
-        tokenizer = open_clip.get_tokenizer(str(name))
+        if hf_text is None:
+            model = open_clip.create_model(str(name), pretrained=pretrained, load_weights=True, device="cpu")
+            tokenizer = open_clip.get_tokenizer(str(name))
+        else:
+            model = open_clip.create_model(str(name), pretrained=pretrained, load_weights=True, device="cpu",
+                                           text_cfg=hf_text)
+            tokenizer = open_clip.tokenizer.HFTokenizer(str(text_dir), context_length=hf_text.get("context_length", 77))
     except (RuntimeError, ValueError, KeyError, OSError) as exc:
         raise UserError(f"open_clip could not load teacher.model={name}: {str(exc).splitlines()[0]}") from None
-    if not isinstance(tokenizer, open_clip.SimpleTokenizer):
+    if hf_text is None and not hasattr(model, "token_embedding"):
+        tower = type(getattr(model, "text", None)).__name__
+        raise ConfigError(f"teacher.model={name}: teacher=open_clip supports open_clip's own text transformer inside "
+                          f"a CLIP, or a Hugging Face text encoder; this model's text tower is {tower}")
+    if hf_text is None and not isinstance(tokenizer, open_clip.SimpleTokenizer):
         raise ConfigError(f"teacher.model={name} uses a {type(tokenizer).__name__}; only open_clip's built-in "
-                          f"BPE tokenizer is supported (it needs no download)")
-    # Names cache files: no path characters, the model name and the weights by digest.
-    fingerprint = f"open_clip-{_sha256(str(name).encode())[:8]}-{_sha256(digest_source.read_bytes())[:16]}"
-    return OpenCLIPVLM(model.float().eval(), tokenizer, fingerprint).freeze()
+                          f"BPE tokenizer is supported for its own text transformer (it needs no download)")
+    # Names cache files: no path characters, the model name, the weights and any text config by digest.
+    digest = _sha256(digest_source.read_bytes() + (b"" if hf_text is None else (text_dir / "config.json").read_bytes()))
+    fingerprint = f"open_clip-{_sha256(str(name).encode())[:8]}-{digest[:16]}"
+    vlm_class = OpenCLIPVLM if hf_text is None else HFTextCLIPVLM
+    return vlm_class(model.float().eval(), tokenizer, fingerprint).freeze()
