@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 
 import torch
+from _results import command_history
 from omegaconf import OmegaConf
 
 from medkd.recipes import RECIPES as RECIPE_CLASSES
@@ -359,7 +360,7 @@ def load_previous(args) -> dict:
     return previous
 
 
-def write_results(args, rows: list[dict], augment: dict, commands: list[str], finished: bool) -> None:
+def write_results(args, rows: list[dict], augment: dict, command: str, finished: bool) -> None:
     gaps = protocol_gaps(rows, run_settings(args))
     if not finished:
         gaps.append("run stopped before the end (partial results)")
@@ -367,7 +368,7 @@ def write_results(args, rows: list[dict], augment: dict, commands: list[str], fi
     atomic_write_text(args.output, json.dumps({
         "benchmark": "distill",
         "claim": "RD beats PEFT (lora), KD and scratch, most in the data-scarce setting",
-        "command": " && ".join(commands),
+        "command": command,
         "complete": not gaps,
         "left_out": gaps,
         "device": "; ".join(sorted({r["device"] for r in rows})) or device_description(args.device),
@@ -407,8 +408,7 @@ def main(argv=None) -> int:
     args.device = str(resolve_device(args.device))  # --device cuda without a GPU: a one-line error
     previous = load_previous(args)
     rows, augment = previous.get("runs", []), previous.get("augmentation", {})
-    commands = [c for c in previous.get("command", "").split(" && ") if c]
-    commands.append("python bench/distill.py " + " ".join(sys.argv[1:] if argv is None else argv))
+    command = command_history(previous, "bench/distill.py", sys.argv[1:] if argv is None else argv)
     done = {(r["teacher"], r["dataset"], r["fraction"], r["seed"], r["arm"]) for r in rows}
     for teacher in args.teachers:
         for dataset in args.datasets:
@@ -431,12 +431,12 @@ def main(argv=None) -> int:
                                                arm not in measured_cost))
                             measured_cost.add(arm)
                         rows.append(row)
-                        write_results(args, rows, augment, commands, finished=False)  # partial results survive a kill
+                        write_results(args, rows, augment, command, finished=False)  # partial results survive a kill
                         print(f"{teacher} {dataset} {fraction:.0%} seed {seed} {arm:<18} "
                               f"acc {row['test_accuracy']:.4f}  ({row['train_seconds']} s, n={row['train_size']})",
                               flush=True)
     print_table(summarise(rows))
-    write_results(args, rows, augment, commands, finished=True)
+    write_results(args, rows, augment, command, finished=True)
     print(f"\nwrote {args.output}")
     return 0
 

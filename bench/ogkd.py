@@ -34,6 +34,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from _results import command_history
 
 from medkd.toolchain.atomic import atomic_write_text
 from medkd.toolchain.config import load_config
@@ -123,7 +124,7 @@ def print_table(summary: list[dict]) -> None:
               + f"  {cell(s['zero_shot']['base']):>14}  {cell(s['zero_shot']['harmonic_mean'])}")
 
 
-def write_results(args, rows: list[dict], finished: bool) -> None:
+def write_results(args, rows: list[dict], command: str, finished: bool) -> None:
     gaps = protocol_gaps(rows, args.override, args.shots)
     if not finished:
         gaps.append("run stopped before the end (partial results)")
@@ -134,7 +135,7 @@ def write_results(args, rows: list[dict], finished: bool) -> None:
                   "OGKD beats CoOp and plain KD on novel classes (harmonic mean) without losing base accuracy"),
         "protocol": "all (few-shot), shots per class: " + ", ".join(map(str, args.shots)) if args.few_shot
         else "base2novel, the recipe's shots",
-        "command": "python bench/ogkd.py " + " ".join(sys.argv[1:]),
+        "command": command,
         "complete": not gaps, "left_out": gaps,
         "device": f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "teacher": "lit-vlm (embedded demonstration VLM, aligned on the base classes)",
@@ -145,13 +146,14 @@ def write_results(args, rows: list[dict], finished: bool) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    rows = []
+    rows, previous = [], {}
     if args.resume and args.output.is_file():
         previous = json.loads(args.output.read_text())
         if previous.get("overrides") != args.override:
             raise UserError(f"--resume: {args.output} was measured with overrides {previous.get('overrides')}, "
                             f"this run uses {args.override}; use another --output")
         rows = previous["runs"]
+    command = command_history(previous, "bench/ogkd.py", sys.argv[1:] if argv is None else argv)
     done = {run_key(r) for r in rows}
     with tempfile.TemporaryDirectory(prefix="medkd-bench-ogkd-") as tmp:
         cache = args.cache_dir or Path(tmp) / "cache"  # the frozen image encoder's tokens, shared by every run
@@ -168,13 +170,13 @@ def main(argv=None) -> int:
                                               *protocol, *EXPORT, *args.override]))
                     rows.append({"objective": objective, **({"shots": shots} if shots is not None else {}),
                                  "seed": seed, **row_from_report(report)})
-                    write_results(args, rows, finished=False)
+                    write_results(args, rows, command, finished=False)
                     tuned = rows[-1]["prompt_tuned"]
                     print(f"seed {seed} {objective:<5} {'' if shots is None else f'{shots}-shot '}"
                           + " ".join(f"{k} {tuned[k]:.4f}" for k in SCORES if tuned[k] is not None)
                           + f" ({rows[-1]['wall_s']} s)", flush=True)
     print_table(summarise(rows))
-    write_results(args, rows, finished=True)
+    write_results(args, rows, command, finished=True)
     print(f"\nwrote {args.output}")
     return 0
 

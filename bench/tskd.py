@@ -27,6 +27,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from _results import command_history
 
 from medkd.toolchain.atomic import atomic_write_text
 from medkd.toolchain.config import load_config
@@ -116,7 +117,7 @@ def print_table(summary: list[dict]) -> None:
               f"{s['hd95_mm']:>9.2f}±{s['hd95_std']:.2f}  {teacher:>12}")
 
 
-def write_results(args, rows: list[dict], finished: bool) -> None:
+def write_results(args, rows: list[dict], command: str, finished: bool) -> None:
     gaps = protocol_gaps(rows, args.override)
     if not finished:
         gaps.append("run stopped before the end (partial results)")
@@ -125,7 +126,7 @@ def write_results(args, rows: list[dict], finished: bool) -> None:
     atomic_write_text(args.output, json.dumps({
         "benchmark": "tskd",
         "claim": "TS-KD beats task-agnostic KD and scratch, most with few labels",
-        "command": "python bench/tskd.py " + " ".join(sys.argv[1:]),
+        "command": command,
         "complete": not gaps, "left_out": gaps,
         "device": f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "overrides": args.override, "wall_seconds_all_runs": round(cpu_s, 1),
@@ -135,13 +136,14 @@ def write_results(args, rows: list[dict], finished: bool) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    rows = []
+    rows, previous = [], {}
     if args.resume and args.output.is_file():
         previous = json.loads(args.output.read_text())
         if previous.get("overrides") != args.override:
             raise UserError(f"--resume: {args.output} was measured with overrides {previous.get('overrides')}, "
                             f"this run uses {args.override}; use another --output")
         rows = previous["runs"]
+    command = command_history(previous, "bench/tskd.py", sys.argv[1:] if argv is None else argv)
     done = {(r["mode"], r["budget"], r["seed"]) for r in rows}
     available = len(load_segmentation_task(load_config(["recipe=tskd", *args.override]).data).train)
     with tempfile.TemporaryDirectory(prefix="medkd-bench-tskd-") as tmp:
@@ -155,11 +157,11 @@ def main(argv=None) -> int:
                     run_dir = Path(tmp) / f"{mode}-{budget}-{seed}"
                     report = run(load_config(run_overrides(args, mode, budget, available, seed, run_dir, cache)))
                     rows.append({"mode": mode, "budget": budget, "seed": seed, **row_from_report(report)})
-                    write_results(args, rows, finished=False)
+                    write_results(args, rows, command, finished=False)
                     print(f"{budget} slices seed {seed} {mode:<9} Dice {rows[-1]['test_mean_dice']:.4f} "
                           f"({rows[-1]['wall_s']} s)", flush=True)
     print_table(summarise(rows))
-    write_results(args, rows, finished=True)
+    write_results(args, rows, command, finished=True)
     print(f"\nwrote {args.output}")
     return 0
 

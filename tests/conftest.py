@@ -1,6 +1,7 @@
 """Fixtures shared by several test files."""
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,11 @@ def one_torch_thread():
 
 @pytest.fixture(scope="session")
 def load_bench():
-    """`load_bench("lorkd")` imports bench/lorkd.py by path (bench/ is scripts, not a package)."""
+    """`load_bench("lorkd")` imports bench/lorkd.py by path (bench/ is scripts, not a package;
+    bench/ goes on sys.path so a script imports its siblings, as when it runs)."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+
     def load(name: str):
         spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
         module = importlib.util.module_from_spec(spec)

@@ -42,7 +42,7 @@ def test_resume_pools_only_runs_measured_the_same_way(bench, tmp_path):
     out = tmp_path / "distill.json"
     args = bench.parse_args(["--resume", "--output", str(out), "--datasets", "ct"])
     assert bench.load_previous(args) == {}  # nothing there yet: start afresh
-    bench.write_results(args, _rows(bench, ["ct"], seeds=(0,)), {"ct": "x"}, ["python bench/distill.py"], True)
+    bench.write_results(args, _rows(bench, ["ct"], seeds=(0,)), {"ct": "x"}, "python bench/distill.py", True)
     previous = bench.load_previous(args)
     assert len(previous["runs"]) == 2 * len(bench.ARMS) and previous["complete"] is False
     assert "run stopped" not in " ".join(previous["left_out"])
@@ -72,7 +72,7 @@ def test_the_file_names_every_device_its_runs_trained_on(bench, tmp_path):
     args = bench.parse_args(["--resume", "--output", str(out)])
     rows = _rows(bench, ["ct"], seeds=(0,))
     rows[0]["device"] = "CUDA (a GPU); features and latency on CPU (test)"
-    bench.write_results(args, rows, {}, ["python bench/distill.py"], True)
+    bench.write_results(args, rows, {}, "python bench/distill.py", True)
     assert json.loads(out.read_text())["device"] == "CPU (test); CUDA (a GPU); features and latency on CPU (test)"
     # A file written before rows named their device: each row takes the file's device on --resume.
     legacy = json.loads(out.read_text())
@@ -91,3 +91,11 @@ def test_training_on_a_gpu_that_is_not_there_is_a_one_line_error(bench, tmp_path
     with pytest.raises(bench.UserError, match="no CUDA GPU"):
         bench.main(["--device", "cuda", "--output", str(tmp_path / "d.json")])
     assert bench.device_description("cpu").startswith("CPU (")
+
+
+def test_a_resumed_results_file_keeps_every_command_that_made_it(load_bench):
+    results = load_bench("_results")
+    first = results.command_history({}, "bench/tskd.py", [])
+    assert first == "python bench/tskd.py"
+    both = results.command_history({"command": first}, "bench/tskd.py", ["--resume", "--override", "a=b c"])
+    assert both == "python bench/tskd.py && python bench/tskd.py --resume --override 'a=b c'"
