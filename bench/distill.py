@@ -109,8 +109,8 @@ def parse_args(argv=None):
     parser.add_argument("--override", action="append", default=[],
                         help="extra config override for every run, e.g. teacher.backend=onnxruntime")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                        help="where training and test evaluation run (each row records it); teacher features "
-                             "and latency stay on the CPU")
+                        help="where training and test evaluation run (each row records it), and the teacher "
+                             "features with --override teacher.backend=torch; latency stays on the CPU")
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--resume", action="store_true",
                         help="keep the runs already in --output (same settings) and add only the missing ones; "
@@ -160,10 +160,11 @@ def scarce_training_set(task, labelled_index: torch.Tensor, recipe_cls, transfer
 
 class DatasetContext:
     """One (teacher, data set): the task, the augmented views of its training images, and the
-    teacher features of every extractor a recipe asks for (computed once, cached on disk)."""
+    teacher features of every extractor a recipe asks for (computed once, cached on disk; a
+    torch-backend teacher runs on `device`)."""
 
-    def __init__(self, cfg):
-        self.cfg = cfg
+    def __init__(self, cfg, device: str = "cpu"):
+        self.cfg, self.device = cfg, device
         self.task = load_task(cfg.data)
         self.teacher = build_teacher(cfg.teacher)
         settings = augmentation(cfg.data)
@@ -181,7 +182,7 @@ class DatasetContext:
         if key not in self._features:
 
             def extract(images, desc):
-                return teacher_features(extractor, images, cache, batch, f"teacher ({desc})")
+                return teacher_features(extractor, images, cache, batch, f"teacher ({desc})", device=self.device)
 
             train = (extract(self.task.train.images, "train") if self.views is None
                      else view_teacher_features(extract, self.task.train.images, self.views, "train"))
@@ -189,12 +190,13 @@ class DatasetContext:
         return self._features[key]
 
 
-def device_description(device: str) -> str:
+def device_description(device: str, teacher_backend: str = "onnxruntime") -> str:
     """Where a run trained, as recorded in every row: the CPU (and its threads), or the GPU
-    (teacher features, test evaluation's inputs and the latency still come from the CPU)."""
+    (with the teacher features only for teacher.backend=torch; the latency is the CPU's)."""
     cpu = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     if torch.device(device).type == "cuda":
-        return f"CUDA ({torch.cuda.get_device_name()}); features and latency on {cpu}"
+        on_cpu = "latency" if teacher_backend == "torch" else "features and latency"
+        return f"CUDA ({torch.cuda.get_device_name()}); {on_cpu} on {cpu}"
     return cpu
 
 
@@ -240,7 +242,7 @@ def run_one(cfg, recipe_name: str, task, train: ImageSet, train_feats, test_feat
         "labelled": int((train.labels != UNLABELLED).sum()),
         "epochs": epochs,
         "train_seconds": round(train_seconds, 1),
-        "device": device_description(device),
+        "device": device_description(device, cfg.teacher.backend),
     }
     recipe.to("cpu")
     deployed = recipe.deployable()
@@ -412,7 +414,7 @@ def main(argv=None) -> int:
     done = {(r["teacher"], r["dataset"], r["fraction"], r["seed"], r["arm"]) for r in rows}
     for teacher in args.teachers:
         for dataset in args.datasets:
-            data = DatasetContext(bench_config(args, dataset, teacher))
+            data = DatasetContext(bench_config(args, dataset, teacher), args.device)
             augment[dataset] = data.augment
             measured_cost = {r["arm"] for r in rows if (r["teacher"], r["dataset"]) == (teacher, dataset)
                              and "cpu_latency_ms_batch1" in r}

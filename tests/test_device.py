@@ -346,3 +346,16 @@ def test_rd_runs_the_triton_cka_on_cuda(tmp_path, monkeypatch):
     train, features = tiny_data(32)
     result = fit(recipe, train, None, settings(epochs=1), tmp_path, "fp", features, log=lines.append, device="cuda")
     assert result.kernel_backends == {"cka": "triton"} and "cka backend: triton" in lines
+
+
+@needs_cuda
+def test_teacher_features_on_the_gpu_match_the_cpus_and_the_teacher_stays_on_the_cpu():
+    from medkd.toolchain.features import teacher_features
+    from medkd.toolchain.models.teachers import build_teacher
+
+    teacher = build_teacher({"name": "litemedsam", "input_size": 32})
+    images = torch.rand(6, 1, 32, 32)
+    on_cpu = teacher_features(teacher, images, None, batch_size=4, progress=False)
+    on_gpu = teacher_features(teacher, images, None, batch_size=4, progress=False, device="cuda")
+    assert next(teacher.parameters()).device.type == "cpu"
+    torch.testing.assert_close(on_gpu, on_cpu, atol=1e-3, rtol=1e-3)  # cuDNN may use TF32

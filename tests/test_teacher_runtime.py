@@ -290,3 +290,32 @@ def test_bench_build_goals_compare_the_two_cold_builds(bench):
     runs["onnxruntime"]["test_accuracy"] = 0.79
     assert [g["met"] for g in bench.build_goals(runs)] == [False, False, False]
     assert bench.build_goals({"torch": runs["torch"]}) == []
+
+
+class DeviceRecorder(nn.Module):
+    """A torch teacher that records where it was moved and where its inputs arrived."""
+
+    feature_dim, fingerprint = 3, "device-recorder"
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1))
+        self.moves, self.inputs = [], []
+
+    def to(self, device):
+        self.moves.append(str(device))
+        return self
+
+    def forward(self, x):
+        self.inputs.append(str(x.device))
+        return torch.ones(len(x), self.feature_dim)
+
+
+def test_a_torch_teacher_extracts_on_the_training_device_and_goes_back(tmp_path):
+    teacher = DeviceRecorder()
+    feats = teacher_features(teacher, images(5), None, batch_size=2, progress=False, device="meta")
+    assert teacher.inputs == ["meta"] * 3 and teacher.moves == ["meta", "cpu"]  # there, then home
+    assert torch.equal(feats, torch.ones(5, 3))
+    stay = DeviceRecorder()
+    teacher_features(stay, images(2), None, progress=False)  # no device: it runs where it is
+    assert stay.inputs == ["cpu"] and set(stay.moves) == {"cpu"}

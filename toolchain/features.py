@@ -59,19 +59,26 @@ def _load_cached(path: Path, n: int, dim: int) -> torch.Tensor | None:
 
 
 @torch.no_grad()
-def _extract(teacher: nn.Module, images: torch.Tensor, batch_size: int, desc: str, progress) -> torch.Tensor:
+def _extract(teacher: nn.Module, images: torch.Tensor, batch_size: int, desc: str, progress,
+             device: torch.device | str | None = None) -> torch.Tensor:
     teacher.eval()
-    try:
-        device = next(teacher.parameters()).device
-    except StopIteration:
-        device = torch.device("cpu")
+    params = list(teacher.parameters())
+    home = params[0].device if params else torch.device("cpu")
+    # A torch teacher runs on `device` (the training GPU) for the extraction and goes back home
+    # after: export and the recipes expect it where it was. A module without parameters (ONNX
+    # Runtime's extractor) runs where it is.
+    run_on = torch.device(device) if device is not None and params else home
     n = images.shape[0]
     out = torch.empty(n, teacher.feature_dim, dtype=torch.float32)
-    with as_policy(progress).bar(total=n, desc=desc, unit="img") as bar:
-        for start in range(0, n, batch_size):
-            batch = images[start : start + batch_size].to(device)
-            out[start : start + batch.shape[0]] = teacher(batch).float().cpu()
-            bar.update(batch.shape[0])
+    teacher.to(run_on)
+    try:
+        with as_policy(progress).bar(total=n, desc=desc, unit="img") as bar:
+            for start in range(0, n, batch_size):
+                batch = images[start : start + batch_size].to(run_on)
+                out[start : start + batch.shape[0]] = teacher(batch).float().cpu()
+                bar.update(batch.shape[0])
+    finally:
+        teacher.to(home)
     return out
 
 
@@ -82,12 +89,14 @@ def teacher_features(
     batch_size: int = 32,
     desc: str = "teacher features",
     progress: bool | str | None = "auto",
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """Teacher features (N x teacher.feature_dim, float32, CPU) for images N x C x H x W.
 
     With `cache_dir`, a previous result for the same teacher fingerprint and the same
     image bytes is loaded instead of running the teacher. `progress`: a ProgressPolicy,
-    True/False, or "auto"/None (a bar on a terminal, periodic lines elsewhere).
+    True/False, or "auto"/None (a bar on a terminal, periodic lines elsewhere). `device`: where
+    a torch teacher runs (e.g. the training GPU; None: where it is); ONNX Runtime stays on the CPU.
     """
     if images.ndim != 4:
         raise ValueError(f"images must be N x C x H x W, got shape {tuple(images.shape)}")
@@ -99,7 +108,7 @@ def teacher_features(
         feats = _load_cached(path, n, dim)
         if feats is not None:
             return feats
-    feats = _extract(teacher, images, batch_size, desc, progress)
+    feats = _extract(teacher, images, batch_size, desc, progress, device)
     if path is not None:
         from safetensors.torch import save_file
 

@@ -164,7 +164,7 @@ def shared_teacher_features(cfg: DictConfig, ctx: DistContext, inputs: BuildInpu
 
     def features(images, split):
         return teacher_features(extractor, images, cache_dir, cfg.train.teacher_batch_size,
-                                desc=f"teacher features ({split})", progress=progress)
+                                desc=f"teacher features ({split})", progress=progress, device=ctx.device)
 
     def train_features():
         if inputs.views is None:

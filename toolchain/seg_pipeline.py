@@ -216,16 +216,17 @@ def batched(fn, images: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     return [fn(images[i: i + batch_size]) for i in range(0, len(images), batch_size)]
 
 
-def early_tokens(cfg: DictConfig, inputs: SegmentationInputs, progress):
+def early_tokens(cfg: DictConfig, inputs: SegmentationInputs, progress, device: torch.device):
     """tokens(images, split): the frozen early stages' output, run by teacher.backend (as the
-    classification build's teacher features) and cached in cache_dir per image tensor."""
+    classification build's teacher features, a torch backend on the training device) and cached
+    in cache_dir per image tensor."""
     cache = Path(cfg.cache_dir) if cfg.cache_dir else None
     extractor = runtime_extractor(inputs.segmenter.early, cfg.teacher.backend, cfg.teacher.precision, cache,
                                   calibration_images=inputs.task.train.images)
 
     def tokens(images: torch.Tensor, split: str) -> torch.Tensor:
         return teacher_features(extractor, images, cache, cfg.train.teacher_batch_size,
-                                desc=f"teacher early stages ({split})", progress=progress)
+                                desc=f"teacher early stages ({split})", progress=progress, device=device)
     return tokens
 
 
@@ -297,7 +298,7 @@ def run_segmentation(cfg: DictConfig, ctx: DistContext) -> dict:
         log(f"run directory: {run_dir}  (recipe=tskd mode={s.mode})")
         report_teacher, histories = None, {}
         if s.mode != "scratch":
-            tokens_of = early_tokens(cfg, inputs, progress)
+            tokens_of = early_tokens(cfg, inputs, progress, ctx.device)
             if s.mode == "tskd":
                 with stages("teacher_tuning"):
                     report_teacher = tune_teacher(cfg, inputs, tokens_of, progress, log, ctx)
