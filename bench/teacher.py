@@ -207,14 +207,23 @@ def run_build(backend: str, work: Path, threads: int, extra: list[str] = (), log
     return {
         "backend": backend,
         "command": shlex.join(["medkd-build", *BUILD_COMMAND, f"teacher.backend={backend}", *extra]) + " (cold cache)",
-        "stage_seconds": report["run"]["stage_seconds"],
-        "wall_time_s": report["run"]["wall_time_s"],
+        **report_summary(report),
         "process_seconds": round(process_seconds, 1),  # + interpreter start and imports
-        "test_accuracy": report["training"]["test_accuracy"],
-        "teacher_test_accuracy": report["training"].get("teacher_test_accuracy"),
-        "deployed": report.get("export", {}).get("deployed"),
         "teacher_graphs": graphs,
         "used_onnxruntime": bool(graphs),
+    }
+
+
+def report_summary(report: dict) -> dict:
+    """What a build's report.json says about its cost and result."""
+    return {
+        "stage_seconds": report["run"]["stage_seconds"],
+        "wall_time_s": report["run"]["wall_time_s"],
+        "test_accuracy": report["training"]["test_accuracy"],
+        "teacher_test_accuracy": report["training"].get("teacher_test_accuracy"),
+        # The precision each deployable shipped as (the int8 guard may refuse int8).
+        "deployed": {name: model.get("deployed_precision")
+                     for name, model in report.get("export", {}).get("models", {}).items()},
     }
 
 
