@@ -12,7 +12,7 @@ Arms (ARMS): scratch, kd, lora (the foundation model fine-tuned with PEFT LoRA +
 head), rd-paper (RD with every switch off: the loss before the issue's changes) and rd (the
 configured defaults, chosen on a validation split by bench/rd_defaults.py). --ablation adds
 rd without each of its parts: co-training (teacher-branch CE), the shared head, CKA, the
-logit term. The test split is evaluated once per run, after training, and never used to
+logit term; and rd with the logit term on (rd-with-logit, while the default leaves it off). The test split is evaluated once per run, after training, and never used to
 choose anything. An arm whose resolved recipe config equals one already run on the same
 labels and seed (rd-paper and rd while every measured default is the paper's value) is not
 trained again: its row copies that run's and names it in `same_run_as`.
@@ -75,6 +75,8 @@ ABLATIONS = {
     "rd-no-shared-head": ("rd", ["recipe.shared_head=false"]),
     "rd-no-cka": ("rd", ["recipe.cka_weight=0"]),
     "rd-no-logit": ("rd", ["recipe.logit_weight=0"]),
+    # While the configured default leaves the logit term off, its ablation is turning it on.
+    "rd-with-logit": ("rd", ["recipe.logit_weight=1"]),
 }
 ALL_ARMS = {**ARMS, **ABLATIONS}
 # The arms RD is compared against in the "rd best?" column.
@@ -88,7 +90,7 @@ def parse_args(argv=None):
     parser.add_argument("--fractions", nargs="+", type=float, default=[0.1, 1.0])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--arms", nargs="+", choices=list(ALL_ARMS), default=list(ARMS))
-    parser.add_argument("--ablation", action="store_true", help="also run RD without each of its parts")
+    parser.add_argument("--ablation", action="store_true", help="also run RD without each of its parts (and with the logit term)")
     parser.add_argument("--epochs", type=int, default=None, help="default: the config's train.epochs")
     parser.add_argument(
         "--scarce-epoch-factor", type=float, default=3.0,
@@ -306,12 +308,12 @@ def rd_verdict(cells: dict) -> str:
 
 def print_table(summary: list[dict]) -> None:
     arms = [a for a in ALL_ARMS if any(s["arm"] == a for s in summary)]
-    print(f"\n{'teacher':<16}{'dataset':<14}{'labels':>7}  " + "".join(f"{a:>18}" for a in arms) + "   rd best?")
+    print(f"\n{'teacher':<20}{'dataset':<14}{'labels':>7}  " + "".join(f"{a:>18}" for a in arms) + "   rd best?")
     keys = sorted({(s["teacher"], s["dataset"], s["fraction"]) for s in summary}, key=lambda k: (k[0], k[1], -k[2]))
     for teacher, dataset, fraction in keys:
         cells = {s["arm"]: s for s in summary
                  if (s["teacher"], s["dataset"], s["fraction"]) == (teacher, dataset, fraction)}
-        line = f"{teacher:<16}{dataset:<14}{fraction:>7.0%}  "
+        line = f"{teacher:<20}{dataset:<14}{fraction:>7.0%}  "
         line += "".join(f"{cells[a]['mean']:>11.4f}±{cells[a]['std']:.3f}" if a in cells else f"{'-':>18}"
                         for a in arms)
         print(line + "   " + rd_verdict(cells))
