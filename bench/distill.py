@@ -12,8 +12,9 @@ Arms (ARMS): scratch, kd, lora (the foundation model fine-tuned with PEFT LoRA +
 head), rd-paper (RD with every switch off: the loss before the issue's changes) and rd (the
 configured defaults, chosen on a validation split by bench/rd_defaults.py). --ablation adds
 rd without each of its parts: co-training (teacher-branch CE), the shared head, CKA, the
-logit term; and rd with the logit term on (rd-with-logit, while the default leaves it off). The test split is evaluated once per run, after training, and never used to
-choose anything. An arm whose resolved recipe config equals one already run on the same
+logit term; and rd with the logit term on (rd-with-logit, while the default leaves it
+off). The test split is evaluated once per run, after training, and never used to choose
+anything. An arm whose resolved recipe config equals one already run on the same
 labels and seed (rd-paper and rd while every measured default is the paper's value) is not
 trained again: its row copies that run's and names it in `same_run_as`.
 
@@ -90,7 +91,8 @@ def parse_args(argv=None):
     parser.add_argument("--fractions", nargs="+", type=float, default=[0.1, 1.0])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--arms", nargs="+", choices=list(ALL_ARMS), default=list(ARMS))
-    parser.add_argument("--ablation", action="store_true", help="also run RD without each of its parts (and with the logit term)")
+    parser.add_argument("--ablation", action="store_true",
+                        help="also run RD without each of its parts (and with the logit term)")
     parser.add_argument("--epochs", type=int, default=None, help="default: the config's train.epochs")
     parser.add_argument(
         "--scarce-epoch-factor", type=float, default=3.0,
