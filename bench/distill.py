@@ -310,12 +310,13 @@ def rd_verdict(cells: dict) -> str:
 
 def print_table(summary: list[dict]) -> None:
     arms = [a for a in ALL_ARMS if any(s["arm"] == a for s in summary)]
-    print(f"\n{'teacher':<20}{'dataset':<14}{'labels':>7}  " + "".join(f"{a:>18}" for a in arms) + "   rd best?")
     keys = sorted({(s["teacher"], s["dataset"], s["fraction"]) for s in summary}, key=lambda k: (k[0], k[1], -k[2]))
+    width = max([len("teacher"), *(len(k[0]) for k in keys)]) + 2  # teacher names vary: fit the longest
+    print(f"\n{'teacher':<{width}}{'dataset':<14}{'labels':>7}  " + "".join(f"{a:>18}" for a in arms) + "   rd best?")
     for teacher, dataset, fraction in keys:
         cells = {s["arm"]: s for s in summary
                  if (s["teacher"], s["dataset"], s["fraction"]) == (teacher, dataset, fraction)}
-        line = f"{teacher:<20}{dataset:<14}{fraction:>7.0%}  "
+        line = f"{teacher:<{width}}{dataset:<14}{fraction:>7.0%}  "
         line += "".join(f"{cells[a]['mean']:>11.4f}±{cells[a]['std']:.3f}" if a in cells else f"{'-':>18}"
                         for a in arms)
         print(line + "   " + rd_verdict(cells))
