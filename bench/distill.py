@@ -10,13 +10,14 @@ images disappear.
 
 Arms (ARMS): scratch, kd, lora (the foundation model fine-tuned with PEFT LoRA + a linear
 head), rd-paper (RD with every switch off: the loss before the issue's changes) and rd (the
-configured defaults, chosen on a validation split by bench/rd_defaults.py). --ablation adds
-rd without each of its parts: co-training (teacher-branch CE), the shared head, CKA, the
-logit term; and rd with the logit term on (rd-with-logit, while the default leaves it
-off). The test split is evaluated once per run, after training, and never used to choose
-anything. An arm whose resolved recipe config equals one already run on the same
-labels and seed (rd-paper and rd while every measured default is the paper's value) is not
-trained again: its row copies that run's and names it in `same_run_as`.
+configured defaults, chosen on a validation split by bench/rd_defaults.py: rd-paper plus the
+logit term). --ablation adds rd-paper without each of its parts: co-training (teacher-branch
+CE), the shared head, CKA; and rd-paper with the logit term (rd-with-logit, the paper's loss
+lacks it). The test split is evaluated once per run, after training, and never used to choose
+anything. Each row records its resolved recipe config: an arm whose config equals one already
+run on the same labels and seed (rd and rd-with-logit) is not trained again (its row copies
+that run's and names it in `same_run_as`), and a row whose arm now means another config (a
+default moved) moves to `superseded_runs` and its arm trains again.
 
     python bench/distill.py                      # main arms, mri + ct + fashion-mnist, 3 seeds
     python bench/distill.py --ablation --datasets mri ct
@@ -62,22 +63,31 @@ from medkd.toolchain.models.teacher_runtime import runtime_extractor
 from medkd.toolchain.models.teachers import build_teacher
 from medkd.toolchain.train import TrainSettings, accuracy, fit, predict, teacher_branch_accuracy
 
-# name -> (recipe, config overrides). rd-paper turns off every switch added for the issue.
+
+def with_override(base: list[str], override: str) -> list[str]:
+    """`base` with `override` replacing any override of the same key (Hydra refuses a key twice)."""
+    key = override.split("=", 1)[0]
+    return [o for o in base if o.split("=", 1)[0] != key] + [override]
+
+
+# The paper's RD: every switch added for the issue off (the loss before the issue's changes).
+PAPER_RD = ["recipe.cka_detach_teacher=false", "recipe.logit_weight=0", "recipe.reprogram_lr_scale=1",
+            "recipe.head_lr_scale=1", "recipe.shared_head=true"]
+# name -> (recipe, config overrides).
 ARMS = {
     "scratch": ("scratch", []),
     "kd": ("kd", []),
     "lora": ("lora", []),
-    "rd-paper": ("rd", ["recipe.cka_detach_teacher=false", "recipe.logit_weight=0", "recipe.reprogram_lr_scale=1",
-                        "recipe.head_lr_scale=1", "recipe.shared_head=true"]),
+    "rd-paper": ("rd", PAPER_RD),
     "rd": ("rd", []),
 }
+# RD's parts, each removed from the paper's RD or, for the logit term the paper lacks, added to it:
+# defined on rd-paper so that they keep their meaning when rd's configured defaults move.
 ABLATIONS = {
-    "rd-no-cotrain": ("rd", ["recipe.teacher_ce_weight=0"]),
-    "rd-no-shared-head": ("rd", ["recipe.shared_head=false"]),
-    "rd-no-cka": ("rd", ["recipe.cka_weight=0"]),
-    "rd-no-logit": ("rd", ["recipe.logit_weight=0"]),
-    # While the configured default leaves the logit term off, its ablation is turning it on.
-    "rd-with-logit": ("rd", ["recipe.logit_weight=1"]),
+    "rd-no-cotrain": ("rd", with_override(PAPER_RD, "recipe.teacher_ce_weight=0")),
+    "rd-no-shared-head": ("rd", with_override(PAPER_RD, "recipe.shared_head=false")),
+    "rd-no-cka": ("rd", with_override(PAPER_RD, "recipe.cka_weight=0")),
+    "rd-with-logit": ("rd", with_override(PAPER_RD, "recipe.logit_weight=1")),
 }
 ALL_ARMS = {**ARMS, **ABLATIONS}
 # The arms RD is compared against in the "rd best?" column.
@@ -130,13 +140,14 @@ def teacher_overrides(spec: str) -> list[str]:
     return [f"teacher={name}"] + ([f"teacher.input_size={int(size)}"] if size else [])
 
 
-def bench_config(args, dataset: str, teacher: str | None = None, arm: str | None = None):
-    """The config of one run; bench/lorkd.py calls it too (its args: no arms, one --teacher)."""
+def bench_config(args, dataset: str, teacher: str | None = None, arm: str | None = None, extra: tuple = ()):
+    """The config of one run (`extra`: overrides after the arm's); bench/lorkd.py calls it too
+    (its args: no arms, one --teacher)."""
     teacher = teacher or args.teacher
     overrides = [f"data={dataset}", *teacher_overrides(teacher), f"student={args.student}", "progress=false"]
     if arm is not None:
         recipe, arm_overrides = ALL_ARMS[arm]
-        overrides += [f"recipe={recipe}", *arm_overrides]
+        overrides += [f"recipe={recipe}", *arm_overrides, *extra]
     if args.epochs:
         overrides.append(f"train.epochs={args.epochs}")
     if args.max_train:
@@ -278,11 +289,43 @@ def run_arm(args, data: DatasetContext, dataset: str, teacher: str, arm: str, la
                    teacher=data.teacher, views=views, measure_cost=measure_cost, device=args.device)
 
 
-def recipe_identity(args, dataset: str, teacher: str, arm: str) -> dict:
-    """The arm's resolved recipe config: two arms with equal identities are the same run
-    (rd-paper and rd, while every switch's measured default is the paper's value). A dict,
-    compared by value, so that an override's 0 equals the config file's 0.0."""
-    return OmegaConf.to_container(bench_config(args, dataset, teacher, arm).recipe, resolve=True)
+def recipe_identity(args, dataset: str, teacher: str, arm: str, extra: tuple = ()) -> dict:
+    """The arm's resolved recipe config, which each row records: two arms with equal identities
+    are the same run (rd and rd-with-logit). A dict, compared by value, so that an override's 0
+    equals the config file's 0.0. Cached: composing a config costs ~0.1 s."""
+    identities = vars(args).setdefault("_recipe_identities", {})
+    key = (dataset, teacher, arm, extra)
+    if key not in identities:
+        identities[key] = OmegaConf.to_container(bench_config(args, dataset, teacher, arm, extra).recipe, resolve=True)
+    return identities[key]
+
+
+# Rows written before rows recorded their recipe config were trained while recipe/rd.yaml's
+# logit_weight was 0 (the only recipe default that changed since the benchmark's first row).
+LEGACY_RD_DEFAULTS = ("recipe.logit_weight=0",)
+
+
+def legacy_recipe(args, row: dict) -> dict | None:
+    """The recipe config a row without one was trained with; None if its arm is gone."""
+    if row["arm"] not in ALL_ARMS:
+        return None
+    recipe, overrides = ALL_ARMS[row["arm"]]
+    keys = {o.split("=", 1)[0] for o in overrides}
+    extra = tuple(o for o in LEGACY_RD_DEFAULTS if recipe == "rd" and o.split("=", 1)[0] not in keys)
+    return recipe_identity(args, row["dataset"], row["teacher"], row["arm"], extra)
+
+
+def split_superseded(args, rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(rows whose recipe config is what their arm means now, the others). The others trained a
+    config their arm no longer names (a default moved, an arm was redefined or dropped): they are
+    kept in the file, out of the summary, and their arm is trained again."""
+    current, superseded = [], []
+    for row in rows:
+        if row["arm"] in ALL_ARMS and row["recipe"] == recipe_identity(args, row["dataset"], row["teacher"], row["arm"]):
+            current.append(row)
+        else:
+            superseded.append(row)
+    return current, superseded
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -362,12 +405,15 @@ def load_previous(args) -> dict:
     if previous.get("settings") != run_settings(args):
         raise UserError(f"--resume: {args.output} was measured with {previous.get('settings')}, this run "
                         f"uses {run_settings(args)}; use another --output")
-    for row in previous.get("runs", []):  # files from before rows named their device: the file's one device
-        row.setdefault("device", previous["device"])
+    for row in previous.get("runs", []):
+        row.setdefault("device", previous["device"])  # files from before rows named their device
+        if "recipe" not in row:  # ... or their recipe config
+            row["recipe"] = legacy_recipe(args, row)
     return previous
 
 
-def write_results(args, rows: list[dict], augment: dict, command: str, finished: bool) -> None:
+def write_results(args, rows: list[dict], augment: dict, command: str, finished: bool,
+                  superseded: list[dict] = ()) -> None:
     gaps = protocol_gaps(rows, run_settings(args))
     if not finished:
         gaps.append("run stopped before the end (partial results)")
@@ -389,23 +435,16 @@ def write_results(args, rows: list[dict], augment: dict, command: str, finished:
         "augmentation": augment,
         "max_train": args.max_train, "max_test": args.max_test, "overrides": args.override,
         "summary": summarise(rows), "runs": rows,
+        "superseded_runs": list(superseded),
     }, indent=2) + "\n")
 
 
-def same_run(args, rows: list[dict], row: dict) -> dict | None:
+def same_run(rows: list[dict], row: dict) -> dict | None:
     """A run already in `rows` that trained the same recipe config on the same (teacher, data
-    set, labels, seed) as `row` would, or None."""
-    identities = vars(args).setdefault("_recipe_identities", {})  # composing a config costs ~0.1 s
-
-    def identity(r):
-        key = (r["dataset"], r["teacher"], r["arm"])
-        if key not in identities:
-            identities[key] = recipe_identity(args, *key)
-        return identities[key]
-
+    set, labels, seed) as `row` (which carries its `recipe`), or None."""
     for other in rows:
-        if (all(other[k] == row[k] for k in ("teacher", "dataset", "fraction", "seed")) and "same_run_as" not in other
-                and identity(other) == identity(row)):
+        if (all(other[k] == row[k] for k in ("teacher", "dataset", "fraction", "seed", "recipe"))
+                and "same_run_as" not in other):
             return other
     return None
 
@@ -414,7 +453,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     args.device = str(resolve_device(args.device))  # --device cuda without a GPU: a one-line error
     previous = load_previous(args)
-    rows, augment = previous.get("runs", []), previous.get("augmentation", {})
+    rows, superseded = split_superseded(args, previous.get("runs", []))
+    if superseded:
+        print(f"{len(superseded)} earlier runs trained a recipe config their arm no longer means "
+              f"(kept under superseded_runs, left out of the summary; their arms train again)")
+    superseded += previous.get("superseded_runs", [])
+    augment = previous.get("augmentation", {})
     command = command_history(previous, "bench/distill.py", sys.argv[1:] if argv is None else argv)
     done = {(r["teacher"], r["dataset"], r["fraction"], r["seed"], r["arm"]) for r in rows}
     for teacher in args.teachers:
@@ -429,8 +473,9 @@ def main(argv=None) -> int:
                     for arm in args.arms:
                         if (teacher, dataset, fraction, seed, arm) in done:
                             continue
-                        row = {"teacher": teacher, "dataset": dataset, "fraction": fraction, "seed": seed, "arm": arm}
-                        twin = same_run(args, rows, row)
+                        row = {"teacher": teacher, "dataset": dataset, "fraction": fraction, "seed": seed, "arm": arm,
+                               "recipe": recipe_identity(args, dataset, teacher, arm)}
+                        twin = same_run(rows, row)
                         if twin is not None:  # an identical config already ran: record it, don't train it again
                             row.update({k: v for k, v in twin.items() if k not in row}, same_run_as=twin["arm"])
                         else:
@@ -438,12 +483,12 @@ def main(argv=None) -> int:
                                                arm not in measured_cost))
                             measured_cost.add(arm)
                         rows.append(row)
-                        write_results(args, rows, augment, command, finished=False)  # partial results survive a kill
+                        write_results(args, rows, augment, command, False, superseded)  # partial results survive a kill
                         print(f"{teacher} {dataset} {fraction:.0%} seed {seed} {arm:<18} "
                               f"acc {row['test_accuracy']:.4f}  ({row['train_seconds']} s, n={row['train_size']})",
                               flush=True)
     print_table(summarise(rows))
-    write_results(args, rows, augment, command, finished=True)
+    write_results(args, rows, augment, command, True, superseded)
     print(f"\nwrote {args.output}")
     return 0
 

@@ -55,16 +55,51 @@ def test_resume_pools_only_runs_measured_the_same_way(bench, tmp_path):
 
 def test_an_arm_with_the_config_of_a_run_already_made_is_recorded_not_retrained(bench):
     args = bench.parse_args([])
-    row = {"teacher": "litemedsam", "dataset": "ct", "fraction": 0.1, "seed": 1}
-    rd = {**row, "arm": "rd", "test_accuracy": 0.61}
-    rows = [rd, {**row, "arm": "kd", "test_accuracy": 0.7}, {**row, "seed": 2, "arm": "rd", "test_accuracy": 0.5}]
-    paper_matches_defaults = (bench.recipe_identity(args, "ct", "litemedsam", "rd-paper")
-                              == bench.recipe_identity(args, "ct", "litemedsam", "rd"))
-    assert (bench.same_run(args, rows, {**row, "arm": "rd-paper"}) is rd) == paper_matches_defaults
-    # Turning a part off changes the config: that arm must train.
-    assert bench.same_run(args, rows, {**row, "arm": "rd-no-cka"}) is None
-    assert bench.same_run(args, rows, {**row, "fraction": 1.0, "arm": "rd-paper"}) is None  # other labels
-    assert bench.same_run(args, rows, {**row, "arm": "scratch"}) is None  # another recipe
+    base = {"teacher": "litemedsam", "dataset": "ct", "fraction": 0.1, "seed": 1}
+
+    def row(arm, **changes):
+        return {**base, "arm": arm, "recipe": bench.recipe_identity(args, "ct", "litemedsam", arm), **changes}
+
+    with_logit = row("rd-with-logit", test_accuracy=0.61)
+    rows = [with_logit, row("kd", test_accuracy=0.7), row("rd-with-logit", seed=2, test_accuracy=0.5)]
+    # rd's defaults are rd-paper plus the logit term: the same config as rd-with-logit.
+    assert bench.same_run(rows, row("rd")) is with_logit
+    assert bench.same_run(rows, row("rd-paper")) is None  # the paper's loss has no logit term
+    assert bench.same_run(rows, row("rd", fraction=1.0)) is None  # other labels
+    assert bench.same_run(rows, row("scratch")) is None  # another recipe
+
+
+def test_ablations_take_one_part_from_the_paper_rd_whatever_rds_defaults_are(bench):
+    args = bench.parse_args([])
+    paper = bench.recipe_identity(args, "ct", "litemedsam", "rd-paper")
+    assert paper["logit_weight"] == 0 and paper["teacher_ce_weight"] > 0 and paper["cka_weight"] > 0
+    for arm, (key, value) in {"rd-no-cotrain": ("teacher_ce_weight", 0), "rd-no-cka": ("cka_weight", 0),
+                              "rd-no-shared-head": ("shared_head", False),
+                              "rd-with-logit": ("logit_weight", 1)}.items():
+        ablated = bench.recipe_identity(args, "ct", "litemedsam", arm)
+        assert {k for k in paper if ablated[k] != paper[k]} == {key} and ablated[key] == value, arm
+
+
+def test_rows_trained_with_an_older_default_are_kept_apart_and_trained_again(bench, tmp_path):
+    """Rows from before rows recorded their recipe config were trained with rd's logit term off:
+    on --resume the rd rows (their arm now means the term on) and the rows of a dropped arm leave
+    the summary for superseded_runs; rd-paper's rows, the same config then and now, stay."""
+    out = tmp_path / "distill.json"
+    args = bench.parse_args(["--resume", "--output", str(out), "--datasets", "ct"])
+    legacy = _rows(bench, ["ct"], fractions=(1.0,), seeds=(0,), arms=["rd-paper", "rd", "kd"])
+    legacy.append({**legacy[0], "arm": "rd-no-logit"})  # an arm since dropped
+    out.write_text(json.dumps({"settings": bench.run_settings(args), "device": "CPU (old)", "runs": legacy}))
+    previous = bench.load_previous(args)
+    recipes = {r["arm"]: r["recipe"] for r in previous["runs"]}
+    assert recipes["rd"]["logit_weight"] == recipes["rd-paper"]["logit_weight"] == 0
+    assert recipes["rd-no-logit"] is None
+    current, superseded = bench.split_superseded(args, previous["runs"])
+    assert [r["arm"] for r in current] == ["rd-paper", "kd"]
+    assert [r["arm"] for r in superseded] == ["rd", "rd-no-logit"]
+    bench.write_results(args, current, {}, "python bench/distill.py", True, superseded)
+    written = json.loads(out.read_text())
+    assert {s["arm"] for s in written["summary"]} == {"rd-paper", "kd"}
+    assert [r["arm"] for r in written["superseded_runs"]] == ["rd", "rd-no-logit"]
 
 
 def test_the_file_names_every_device_its_runs_trained_on(bench, tmp_path):
