@@ -10,14 +10,15 @@ images disappear.
 
 Arms (ARMS): scratch, kd, lora (the foundation model fine-tuned with PEFT LoRA + a linear
 head), rd-paper (RD with every switch off: the loss before the issue's changes) and rd (the
-configured defaults, chosen on a validation split by bench/rd_defaults.py: rd-paper plus the
-logit term). --ablation adds rd-paper without each of its parts: co-training (teacher-branch
-CE), the shared head, CKA; and rd-paper with the logit term (rd-with-logit, the paper's loss
-lacks it). The test split is evaluated once per run, after training, and never used to choose
-anything. Each row records its resolved recipe config: an arm whose config equals one already
-run on the same labels and seed (rd and rd-with-logit) is not trained again (its row copies
-that run's and names it in `same_run_as`), and a row whose arm now means another config (a
-default moved) moves to `superseded_runs` and its arm trains again.
+configured defaults, chosen on validation splits by bench/rd_defaults.py: rd-paper plus the
+logit term where there is a transfer set). --ablation adds rd-paper without each of its parts:
+co-training (teacher-branch CE), the shared head, CKA; and rd-paper with the logit term
+(rd-with-logit, which the paper's loss lacks). The test split is evaluated once per run, after
+training, and never used to choose anything. Each row records its resolved recipe config. An
+arm that would train what a run already made on the same labels and seed trained (by the
+recipe's effective config: rd is rd-with-logit with 10% labels and rd-paper with all) is not
+trained again: its row copies that run's and names it in `same_run_as`. A row whose arm now
+means something else (a default moved) moves to `superseded_runs` and its arm trains again.
 
     python bench/distill.py                      # main arms, mri + ct + fashion-mnist, 3 seeds
     python bench/distill.py --ablation --datasets mri ct
@@ -71,8 +72,8 @@ def with_override(base: list[str], override: str) -> list[str]:
 
 
 # The paper's RD: every switch added for the issue off (the loss before the issue's changes).
-PAPER_RD = ["recipe.cka_detach_teacher=false", "recipe.logit_weight=0", "recipe.reprogram_lr_scale=1",
-            "recipe.head_lr_scale=1", "recipe.shared_head=true"]
+PAPER_RD = ["recipe.cka_detach_teacher=false", "recipe.logit_weight=0", "recipe.logit_when=always",
+            "recipe.reprogram_lr_scale=1", "recipe.head_lr_scale=1", "recipe.shared_head=true"]
 # name -> (recipe, config overrides).
 ARMS = {
     "scratch": ("scratch", []),
@@ -290,9 +291,8 @@ def run_arm(args, data: DatasetContext, dataset: str, teacher: str, arm: str, la
 
 
 def recipe_identity(args, dataset: str, teacher: str, arm: str, extra: tuple = ()) -> dict:
-    """The arm's resolved recipe config, which each row records: two arms with equal identities
-    are the same run (rd and rd-with-logit). A dict, compared by value, so that an override's 0
-    equals the config file's 0.0. Cached: composing a config costs ~0.1 s."""
+    """The arm's resolved recipe config, which each row records. A dict, compared by value, so
+    that an override's 0 equals the config file's 0.0. Cached: composing a config costs ~0.1 s."""
     identities = vars(args).setdefault("_recipe_identities", {})
     key = (dataset, teacher, arm, extra)
     if key not in identities:
@@ -315,17 +315,33 @@ def legacy_recipe(args, row: dict) -> dict | None:
     return recipe_identity(args, row["dataset"], row["teacher"], row["arm"], extra)
 
 
+def effective_recipe(args, row: dict) -> dict | None:
+    """The row's recipe config as its recipe trains with it on the row's training set
+    (recipes/base.py effective_config): what decides whether two rows are the same run."""
+    recipe = row["recipe"]
+    if recipe is None:
+        return None
+    cls = RECIPE_CLASSES[recipe["name"]]
+    return cls.effective_config(recipe, row["fraction"] < 1 and args.transfer and cls.uses_unlabelled)
+
+
 def split_superseded(args, rows: list[dict]) -> tuple[list[dict], list[dict]]:
-    """(rows whose recipe config is what their arm means now, the others). The others trained a
-    config their arm no longer names (a default moved, an arm was redefined or dropped): they are
-    kept in the file, out of the summary, and their arm is trained again."""
-    current, superseded = [], []
+    """(rows that trained what their arm means now, the others). The others trained a config
+    their arm no longer names (a default moved, an arm was redefined or dropped): they stay in
+    the file, out of the summary, and their arm trains again, unless a later change makes the
+    arm mean their config again. Of two current rows for one run the later counts."""
+    current: dict[tuple, dict] = {}
+    superseded = []
     for row in rows:
-        if row["arm"] in ALL_ARMS and row["recipe"] == recipe_identity(args, row["dataset"], row["teacher"], row["arm"]):
-            current.append(row)
+        key = tuple(row[k] for k in ("teacher", "dataset", "fraction", "seed", "arm"))
+        if row["arm"] in ALL_ARMS and effective_recipe(args, row) == effective_recipe(
+                args, {**row, "recipe": recipe_identity(args, row["dataset"], row["teacher"], row["arm"])}):
+            if key in current:
+                superseded.append(current[key])
+            current[key] = row
         else:
             superseded.append(row)
-    return current, superseded
+    return list(current.values()), superseded
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -439,12 +455,12 @@ def write_results(args, rows: list[dict], augment: dict, command: str, finished:
     }, indent=2) + "\n")
 
 
-def same_run(rows: list[dict], row: dict) -> dict | None:
-    """A run already in `rows` that trained the same recipe config on the same (teacher, data
-    set, labels, seed) as `row` (which carries its `recipe`), or None."""
+def same_run(args, rows: list[dict], row: dict) -> dict | None:
+    """A run already in `rows` that trained what `row` (which carries its `recipe`) would, on the
+    same (teacher, data set, labels, seed), or None."""
     for other in rows:
-        if (all(other[k] == row[k] for k in ("teacher", "dataset", "fraction", "seed", "recipe"))
-                and "same_run_as" not in other):
+        if (all(other[k] == row[k] for k in ("teacher", "dataset", "fraction", "seed")) and "same_run_as" not in other
+                and effective_recipe(args, other) == effective_recipe(args, row)):
             return other
     return None
 
@@ -453,11 +469,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     args.device = str(resolve_device(args.device))  # --device cuda without a GPU: a one-line error
     previous = load_previous(args)
-    rows, superseded = split_superseded(args, previous.get("runs", []))
-    if superseded:
-        print(f"{len(superseded)} earlier runs trained a recipe config their arm no longer means "
-              f"(kept under superseded_runs, left out of the summary; their arms train again)")
-    superseded += previous.get("superseded_runs", [])
+    earlier = previous.get("superseded_runs", [])
+    rows, superseded = split_superseded(args, earlier + previous.get("runs", []))
+    if len(superseded) != len(earlier):
+        print(f"{len(superseded)} earlier runs trained what their arm no longer means (kept under "
+              f"superseded_runs, out of the summary; their arms train again); {len(rows)} runs count")
     augment = previous.get("augmentation", {})
     command = command_history(previous, "bench/distill.py", sys.argv[1:] if argv is None else argv)
     done = {(r["teacher"], r["dataset"], r["fraction"], r["seed"], r["arm"]) for r in rows}
@@ -475,9 +491,11 @@ def main(argv=None) -> int:
                             continue
                         row = {"teacher": teacher, "dataset": dataset, "fraction": fraction, "seed": seed, "arm": arm,
                                "recipe": recipe_identity(args, dataset, teacher, arm)}
-                        twin = same_run(rows, row)
+                        # A superseded run still trained what its recipe config says: it can stand in.
+                        twin = same_run(args, rows + superseded, row)
                         if twin is not None:  # an identical config already ran: record it, don't train it again
-                            row.update({k: v for k, v in twin.items() if k not in row}, same_run_as=twin["arm"])
+                            row.update({k: v for k, v in twin.items() if k not in row}, same_run_as=twin["arm"]
+                                       + (" (superseded)" if any(twin is r for r in superseded) else ""))
                         else:
                             row.update(run_arm(args, data, dataset, teacher, arm, labelled_index, seed,
                                                arm not in measured_cost))

@@ -59,6 +59,13 @@ class Recipe(nn.Module):
     def prepare(self, teacher_features: torch.Tensor | None, labels: torch.Tensor) -> None:
         """One-off work before the first epoch (not repeated on resume)."""
 
+    @classmethod
+    def effective_config(cls, cfg: dict, transfer_set: bool) -> dict:
+        """A resolved recipe config (a dict, possibly from before a key existed) as this recipe
+        trains with it on a training set with (transfer_set) or without images whose labels
+        were withheld: configs with equal effective configs train alike. Default: cfg as is."""
+        return dict(cfg)
+
     def parameter_groups(self, lr: float) -> list[dict]:
         """Optimizer parameter groups (each may set its own "lr"); default: every trainable
         parameter at the configured learning rate."""

@@ -21,6 +21,8 @@ mean over the batch's rows (CE over its labelled rows only):
 
     f_t* = f_t.detach() with cka_detach_teacher=true, else f_t
     logits_t* = logits_t.detach() (always), T = logit_temperature
+    the logit term only when the training set holds images with withheld labels (a transfer
+    set) with logit_when=transfer_set; on every training set with logit_when=always
 
 Gradient flow, and why:
 - CKA: without the detach, the CKA gradient also reaches R and moves the reprogrammed
@@ -57,8 +59,9 @@ captions (shared/seeds/rd-reprogramming-distillation.txt); no code of the paper 
    logit) term; the paper's data-scarce setting, as described, trains on the labelled
    subset.
 5. The logit term (`logit_weight`, default 1; 0 = off) is not in the paper's loss; the
-   paper's follow-up (DRD) adds such a KD term. It is on because it beat 0 on the
-   validation split with 10% labels (recipe/rd.yaml). The CKA detach is a medkd switch: the
+   paper's follow-up (DRD) adds such a KD term. By default (`logit_when=transfer_set`) it
+   is on only when some training labels were withheld: there it beat the paper's loss on
+   the validation split, with every label it lost on CT (recipe/rd.yaml). The CKA detach is a medkd switch: the
    text available here does not say whether the paper's CKA reaches R.
 6. One AdamW with a per-step cosine schedule (toolchain/train.py) for every recipe, with
    the per-module scales above; the paper's optimiser, schedule and loss weights
@@ -82,7 +85,7 @@ from torch import nn
 from medkd.kernels import cka_loss
 from medkd.toolchain.errors import ConfigError
 
-from .base import Batch, Recipe, labelled_cross_entropy
+from .base import UNLABELLED, Batch, Recipe, labelled_cross_entropy
 
 
 class ReprogrammingModule(nn.Sequential):
@@ -102,6 +105,7 @@ class ReprogrammingModule(nn.Sequential):
 SWITCH_DEFAULTS = {
     "cka_detach_teacher": False,
     "logit_weight": 0.0,
+    "logit_when": "always",
     "logit_temperature": 4.0,
     "reprogram_lr_scale": 1.0,
     "head_lr_scale": 1.0,
@@ -123,6 +127,18 @@ def _flag(cfg, key: str) -> bool:
     value = cfg.get(key, SWITCH_DEFAULTS[key])
     if not isinstance(value, bool):
         raise ConfigError(f"recipe.{key} must be true or false, got '{value}'")
+    return value
+
+
+# When the logit term is on: only while the training set holds images whose labels were
+# withheld (the transfer set), or on every training set.
+LOGIT_WHEN = ("transfer_set", "always")
+
+
+def _choice(cfg, key: str, options: tuple[str, ...]) -> str:
+    value = cfg.get(key, SWITCH_DEFAULTS[key])
+    if value not in options:
+        raise ConfigError(f"recipe.{key} must be one of {', '.join(options)}, got '{value}'")
     return value
 
 
@@ -149,6 +165,9 @@ class RDRecipe(Recipe):
         self.cka_weight = _setting(cfg, "cka_weight")
         self.cka_detach_teacher = _flag(cfg, "cka_detach_teacher")
         self.logit_weight = _setting(cfg, "logit_weight")
+        self.logit_when = _choice(cfg, "logit_when", LOGIT_WHEN)
+        # Decided by prepare() from the training set; kept in checkpoints (extra state).
+        self.logit_active = self.logit_when == "always"
         self.logit_temperature = _setting(cfg, "logit_temperature", positive=True)
         self.reprogram_lr_scale = _setting(cfg, "reprogram_lr_scale", positive=True)
         self.head_lr_scale = _setting(cfg, "head_lr_scale", positive=True)
@@ -156,6 +175,23 @@ class RDRecipe(Recipe):
         # branches no longer share a decision boundary (co-training without the shared head).
         self.teacher_head = None if _flag(cfg, "shared_head") else nn.Linear(
             student.feature_dim, student.head.out_features)
+
+    @classmethod
+    def effective_config(cls, cfg: dict, transfer_set: bool) -> dict:
+        """Missing switches take their pre-switch values; logit_when is applied (and dropped)."""
+        cfg = {**SWITCH_DEFAULTS, **cfg}
+        if cfg.pop("logit_when") != "always" and not transfer_set:
+            cfg["logit_weight"] = 0.0
+        return cfg
+
+    def prepare(self, teacher_features, labels: torch.Tensor) -> None:
+        self.logit_active = self.logit_when == "always" or bool((labels == UNLABELLED).any())
+
+    def get_extra_state(self) -> dict:
+        return {"logit_active": self.logit_active}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.logit_active = bool(state["logit_active"])
 
     def _teacher_head(self) -> nn.Module:
         return self.student.head if self.teacher_head is None else self.teacher_head
@@ -183,7 +219,7 @@ class RDRecipe(Recipe):
         cka = cka_loss(student_features, cka_target)
         total = ce_student + self.teacher_ce_weight * ce_teacher + self.cka_weight * cka
         parts = {"ce": ce_student.detach(), "ce_teacher": ce_teacher.detach(), "cka_loss": cka.detach()}
-        if self.logit_weight > 0:  # weight 0: not computed, so the log keeps the old parts
+        if self.logit_weight > 0 and self.logit_active:  # off: not computed, so the log keeps the old parts
             kl = softened_kl(student_logits, teacher_logits.detach(), self.logit_temperature)
             total = total + self.logit_weight * kl
             parts["kl"] = kl.detach()

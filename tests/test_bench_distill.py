@@ -61,12 +61,16 @@ def test_an_arm_with_the_config_of_a_run_already_made_is_recorded_not_retrained(
         return {**base, "arm": arm, "recipe": bench.recipe_identity(args, "ct", "litemedsam", arm), **changes}
 
     with_logit = row("rd-with-logit", test_accuracy=0.61)
-    rows = [with_logit, row("kd", test_accuracy=0.7), row("rd-with-logit", seed=2, test_accuracy=0.5)]
-    # rd's defaults are rd-paper plus the logit term: the same config as rd-with-logit.
-    assert bench.same_run(rows, row("rd")) is with_logit
-    assert bench.same_run(rows, row("rd-paper")) is None  # the paper's loss has no logit term
-    assert bench.same_run(rows, row("rd", fraction=1.0)) is None  # other labels
-    assert bench.same_run(rows, row("scratch")) is None  # another recipe
+    paper = row("rd-paper", fraction=1.0, test_accuracy=0.8)
+    rows = [with_logit, paper, row("kd", test_accuracy=0.7), row("rd-with-logit", seed=2, test_accuracy=0.5)]
+    # rd's defaults: the paper's loss plus the logit term, which is on only with a transfer set.
+    assert bench.same_run(args, rows, row("rd")) is with_logit  # 10% labels: a transfer set
+    assert bench.same_run(args, rows, row("rd", fraction=1.0)) is paper  # every label: no term
+    assert bench.same_run(args, rows, row("rd-paper")) is None  # the paper's loss has no logit term
+    assert bench.same_run(args, rows, row("rd", seed=3)) is None  # another seed
+    assert bench.same_run(args, rows, row("scratch")) is None  # another recipe
+    no_transfer = bench.parse_args(["--no-transfer"])  # 10% labels alone: no transfer set either
+    assert bench.same_run(no_transfer, rows, row("rd")) is None
 
 
 def test_ablations_take_one_part_from_the_paper_rd_whatever_rds_defaults_are(bench):
@@ -82,24 +86,31 @@ def test_ablations_take_one_part_from_the_paper_rd_whatever_rds_defaults_are(ben
 
 def test_rows_trained_with_an_older_default_are_kept_apart_and_trained_again(bench, tmp_path):
     """Rows from before rows recorded their recipe config were trained with rd's logit term off:
-    on --resume the rd rows (their arm now means the term on) and the rows of a dropped arm leave
-    the summary for superseded_runs; rd-paper's rows, the same config then and now, stay."""
+    on --resume the 10%-label rd rows (their arm now means the term on) and the rows of a dropped
+    arm leave the summary for superseded_runs; rd-paper's rows and rd's full-label rows (no
+    transfer set, so no term) trained what their arm means now and stay."""
     out = tmp_path / "distill.json"
     args = bench.parse_args(["--resume", "--output", str(out), "--datasets", "ct"])
-    legacy = _rows(bench, ["ct"], fractions=(1.0,), seeds=(0,), arms=["rd-paper", "rd", "kd"])
+    legacy = _rows(bench, ["ct"], fractions=(0.1, 1.0), seeds=(0,), arms=["rd-paper", "rd", "kd"])
     legacy.append({**legacy[0], "arm": "rd-no-logit"})  # an arm since dropped
     out.write_text(json.dumps({"settings": bench.run_settings(args), "device": "CPU (old)", "runs": legacy}))
     previous = bench.load_previous(args)
-    recipes = {r["arm"]: r["recipe"] for r in previous["runs"]}
-    assert recipes["rd"]["logit_weight"] == recipes["rd-paper"]["logit_weight"] == 0
-    assert recipes["rd-no-logit"] is None
+    recipes = {(r["arm"], r["fraction"]): r["recipe"] for r in previous["runs"]}
+    assert recipes["rd", 0.1]["logit_weight"] == recipes["rd-paper", 0.1]["logit_weight"] == 0
+    assert recipes["rd-no-logit", 0.1] is None
     current, superseded = bench.split_superseded(args, previous["runs"])
-    assert [r["arm"] for r in current] == ["rd-paper", "kd"]
-    assert [r["arm"] for r in superseded] == ["rd", "rd-no-logit"]
+    assert {(r["arm"], r["fraction"]) for r in superseded} == {("rd", 0.1), ("rd-no-logit", 0.1)}
+    assert len(current) == len(legacy) - 2
     bench.write_results(args, current, {}, "python bench/distill.py", True, superseded)
     written = json.loads(out.read_text())
-    assert {s["arm"] for s in written["summary"]} == {"rd-paper", "kd"}
-    assert [r["arm"] for r in written["superseded_runs"]] == ["rd", "rd-no-logit"]
+    assert ("rd", 0.1) not in {(s["arm"], s["fraction"]) for s in written["summary"]}
+    assert ("rd", 1.0) in {(s["arm"], s["fraction"]) for s in written["summary"]}
+    assert len(written["superseded_runs"]) == 2
+    # The run trained again counts; of two current rows for one run, the later.
+    rerun = {**superseded[0], "recipe": bench.recipe_identity(args, "ct", "litemedsam", "rd")}
+    later = {**rerun, "test_accuracy": 0.6}
+    current, superseded = bench.split_superseded(args, [superseded[0], *current, rerun, later])
+    assert later in current and rerun in superseded and rerun not in current
 
 
 def test_the_file_names_every_device_its_runs_trained_on(bench, tmp_path):

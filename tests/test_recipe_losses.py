@@ -232,6 +232,47 @@ def test_rd_without_the_logit_term_keeps_the_old_loss():
         expected["ce"] + 0.5 * expected["ce_teacher"] + 2.0 * expected["cka_loss"], rel=REL)
 
 
+def test_rd_logit_term_only_with_a_transfer_set_when_so_configured():
+    """logit_when=transfer_set: prepare() sees the training labels; all present -> no term."""
+    expected = rd_expected_terms()
+    paper = expected["ce"] + 0.5 * expected["ce_teacher"] + 2.0 * expected["cka_loss"]
+    recipe = rd_recipe(logit_when="transfer_set")
+    recipe.prepare(None, torch.tensor([0, 1, 1, 0]))  # every label present
+    loss, parts = recipe.loss(rd_batch())
+    assert "kl" not in parts and loss.item() == pytest.approx(paper, rel=REL)
+    recipe.prepare(None, torch.tensor([0, UNLABELLED, 1]))  # some withheld: a transfer set
+    loss, parts = recipe.loss(rd_batch())
+    assert loss.item() == pytest.approx(paper + 0.25 * expected["kl"], rel=REL)
+    always = rd_recipe(logit_when="always")
+    always.prepare(None, torch.tensor([0, 1, 1, 0]))
+    assert always.loss(rd_batch())[1]["kl"].item() == pytest.approx(expected["kl"], rel=REL)
+
+
+@pytest.mark.parametrize("transfer_set", [False, True])
+def test_rd_effective_config_trains_as_the_config_does(transfer_set):
+    """The benchmark pools runs by effective config: it must give the same loss as the config."""
+    labels = torch.tensor([0, UNLABELLED] if transfer_set else [0, 1])
+    config = {**RD_WEIGHTS, "logit_when": "transfer_set"}
+    effective = type(rd_recipe()).effective_config(config, transfer_set)
+    assert "logit_when" not in effective and effective["logit_weight"] == (0.25 if transfer_set else 0.0)
+    losses = []
+    for cfg in (config, effective):
+        recipe = rd_recipe(**cfg)
+        recipe.prepare(None, labels)
+        losses.append(recipe.loss(rd_batch())[0].item())
+    assert losses[0] == pytest.approx(losses[1], rel=REL)
+
+
+def test_rd_logit_decision_survives_a_checkpoint():
+    """Resume does not call prepare() again: the decision travels in the recipe's state."""
+    trained = rd_recipe(logit_when="transfer_set")
+    trained.prepare(None, torch.tensor([0, 1]))
+    resumed = rd_recipe(logit_when="transfer_set")
+    resumed.prepare(None, torch.tensor([0, UNLABELLED]))
+    resumed.load_state_dict(trained.state_dict())
+    assert "kl" not in resumed.loss(rd_batch())[1]
+
+
 def test_rd_logit_temperature():
     for t in (1.0, 5.0):
         _, parts = rd_recipe(logit_temperature=t).loss(rd_batch())

@@ -73,7 +73,7 @@ RD_CFG = {"reprogram_hidden": 16, "teacher_ce_weight": 1.0, "cka_weight": 1.0}
 
 
 def test_rd_switches_from_the_command_line_reach_the_recipe():
-    overrides = {"cka_detach_teacher": True, "logit_weight": 0.3, "logit_temperature": 2.5,
+    overrides = {"cka_detach_teacher": True, "logit_weight": 0.3, "logit_when": "always", "logit_temperature": 2.5,
                  "reprogram_lr_scale": 4.0, "head_lr_scale": 0.25}
     cfg = load_config(["recipe=rd", *(f"recipe.{k}={str(v).lower()}" for k, v in overrides.items())]).recipe
     recipe = build_recipe(cfg, build_student(OmegaConf.create({"name": "mobilenetv3"}), NUM_CLASSES, 1, 16),
@@ -98,6 +98,7 @@ def test_rd_config_without_the_switches_is_the_paper_defaults_arm():
     ("reprogram_lr_scale", 0, "recipe.reprogram_lr_scale must be a number > 0"),
     ("head_lr_scale", float("nan"), "recipe.head_lr_scale must be a number > 0"),
     ("cka_detach_teacher", "yes", "recipe.cka_detach_teacher must be true or false"),
+    ("logit_when", "sometimes", "recipe.logit_when must be one of transfer_set, always"),
 ])
 def test_rd_bad_settings_are_one_line_config_errors(key, value, fragment):
     with pytest.raises(ConfigError) as info:
