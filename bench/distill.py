@@ -504,7 +504,7 @@ def main(argv=None) -> int:
                         write_results(args, rows, augment, command, False, superseded)  # partial results survive a kill
                         print(f"{teacher} {dataset} {fraction:.0%} seed {seed} {arm:<18} "
                               f"acc {row['test_accuracy']:.4f}  ({row['train_seconds']} s, n={row['train_size']}"
-                              + (f"; the same run as {twin['arm']})" if twin is not None else ")"), flush=True)
+                              + (f"; the same run as {row['same_run_as']})" if twin is not None else ")"), flush=True)
     print_table(summarise(rows))
     write_results(args, rows, augment, command, True, superseded)
     print(f"\nwrote {args.output}")
