@@ -471,9 +471,11 @@ def main(argv=None) -> int:
     previous = load_previous(args)
     earlier = previous.get("superseded_runs", [])
     rows, superseded = split_superseded(args, earlier + previous.get("runs", []))
-    if len(superseded) != len(earlier):
-        print(f"{len(superseded)} earlier runs trained what their arm no longer means (kept under "
-              f"superseded_runs, out of the summary; their arms train again); {len(rows)} runs count")
+    moved_out = sum(1 for r in superseded if not any(r is e for e in earlier))
+    back = len(earlier) + moved_out - len(superseded)
+    if moved_out or back:
+        print(f"{moved_out} runs trained what their arm no longer means (moved to superseded_runs, out of "
+              f"the summary; their arms train again); {back} superseded runs count again")
     augment = previous.get("augmentation", {})
     command = command_history(previous, "bench/distill.py", sys.argv[1:] if argv is None else argv)
     done = {(r["teacher"], r["dataset"], r["fraction"], r["seed"], r["arm"]) for r in rows}

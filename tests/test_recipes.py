@@ -125,6 +125,22 @@ def test_rd_parameter_groups_cover_every_parameter_once_at_its_own_rate():
     assert sum(len(g["params"]) for g in groups) == len(list(recipe.parameters()))
 
 
+@pytest.mark.parametrize("labels, has_kl", [([0, 1, 2, 0, 1, 2, 0, 1], False),
+                                             ([0, 1, 2, 0, 1, 2, UNLABELLED, UNLABELLED], True)])
+def test_rd_default_logit_term_follows_the_training_set_in_fit(tmp_path, labels, has_kl):
+    """rd.yaml's default (logit_when=transfer_set): the term is trained and logged only when
+    the training set fit() gets holds images with withheld labels."""
+    cfg = load_config(["recipe=rd"]).recipe
+    student = Student("tiny", "mlp", nn.Sequential(nn.Flatten(), nn.Linear(16, 4)), 4, NUM_CLASSES, 1, 4)
+    recipe = build_recipe(cfg, student, TEACHER_DIM)
+    g = torch.Generator().manual_seed(1)
+    train = ImageSet(torch.rand(8, 1, 4, 4, generator=g), torch.tensor(labels))
+    settings = TrainSettings(epochs=1, batch_size=8, lr=0.01, weight_decay=0.0, seed=0, progress=False)
+    result = fit(recipe, train, None, settings, tmp_path, "fp", torch.randn(8, TEACHER_DIM, generator=g),
+                 log=lambda line: None)
+    assert ("kl" in result.history[0]) is has_kl
+
+
 def test_rd_learning_rates_reach_the_optimizer_in_fit(tmp_path):
     """One AdamW step moves each parameter by about its group's lr (Adam's first step is
     lr * g / (|g| + eps)): R by 3x, the head by 0.5x the configured rate."""
