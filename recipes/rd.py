@@ -61,8 +61,8 @@ captions (shared/seeds/rd-reprogramming-distillation.txt); no code of the paper 
 5. The logit term (`logit_weight`, default 1; 0 = off) is not in the paper's loss; the
    paper's follow-up (DRD) adds such a KD term. By default (`logit_when=transfer_set`) it
    is on only when some training labels were withheld: there it beat the paper's loss on
-   the validation split, with every label it lost on CT (recipe/rd.yaml). The CKA detach is a medkd switch: the
-   text available here does not say whether the paper's CKA reaches R.
+   validation, with every label it did not (recipe/rd.yaml). The CKA detach is a medkd
+   switch: the text available here does not say whether the paper's CKA reaches R.
 6. One AdamW with a per-step cosine schedule (toolchain/train.py) for every recipe, with
    the per-module scales above; the paper's optimiser, schedule and loss weights
    (teacher_ce_weight, cka_weight) are not reproduced.
