@@ -65,10 +65,13 @@ from medkd.toolchain.models.teachers import build_teacher
 from medkd.toolchain.train import TrainSettings, accuracy, fit, predict, teacher_branch_accuracy
 
 
+def override_key(override: str) -> str:
+    return override.split("=", 1)[0]
+
+
 def with_override(base: list[str], override: str) -> list[str]:
     """`base` with `override` replacing any override of the same key (Hydra refuses a key twice)."""
-    key = override.split("=", 1)[0]
-    return [o for o in base if o.split("=", 1)[0] != key] + [override]
+    return [o for o in base if override_key(o) != override_key(override)] + [override]
 
 
 # The paper's RD: every switch added for the issue off (the loss before the issue's changes).
@@ -310,8 +313,8 @@ def legacy_recipe(args, row: dict) -> dict | None:
     if row["arm"] not in ALL_ARMS:
         return None
     recipe, overrides = ALL_ARMS[row["arm"]]
-    keys = {o.split("=", 1)[0] for o in overrides}
-    extra = tuple(o for o in LEGACY_RD_DEFAULTS if recipe == "rd" and o.split("=", 1)[0] not in keys)
+    keys = {override_key(o) for o in overrides}
+    extra = tuple(o for o in LEGACY_RD_DEFAULTS if recipe == "rd" and override_key(o) not in keys)
     return recipe_identity(args, row["dataset"], row["teacher"], row["arm"], extra)
 
 

@@ -135,6 +135,10 @@ def _flag(cfg, key: str) -> bool:
 LOGIT_WHEN = ("transfer_set", "always")
 
 
+def logit_term_on(logit_when: str, transfer_set: bool) -> bool:
+    return logit_when == "always" or transfer_set
+
+
 def _choice(cfg, key: str, options: tuple[str, ...]) -> str:
     value = cfg.get(key, SWITCH_DEFAULTS[key])
     if value not in options:
@@ -180,12 +184,12 @@ class RDRecipe(Recipe):
     def effective_config(cls, cfg: dict, transfer_set: bool) -> dict:
         """Missing switches take their pre-switch values; logit_when is applied (and dropped)."""
         cfg = {**SWITCH_DEFAULTS, **cfg}
-        if cfg.pop("logit_when") != "always" and not transfer_set:
+        if not logit_term_on(cfg.pop("logit_when"), transfer_set):
             cfg["logit_weight"] = 0.0
         return cfg
 
     def prepare(self, teacher_features, labels: torch.Tensor) -> None:
-        self.logit_active = self.logit_when == "always" or bool((labels == UNLABELLED).any())
+        self.logit_active = logit_term_on(self.logit_when, bool((labels == UNLABELLED).any()))
 
     def get_extra_state(self) -> dict:
         return {"logit_active": self.logit_active}
