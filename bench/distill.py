@@ -26,6 +26,7 @@ means something else (a default moved) moves to `superseded_runs` and its arm tr
 
     python bench/distill.py --resume --datasets ct   # add ct's runs to the results already there
     python bench/distill.py --resume --arms lora --device cuda   # train on a GPU (rows record where)
+    python bench/distill.py --merge gpu/distill.json   # pool another machine's runs (same settings)
 
 Prints a table (mean ± std of test accuracy over seeds) and writes bench/results/distill.json
 after every run (partial results survive a kill; --resume adds the missing runs to it).
@@ -133,6 +134,9 @@ def parse_args(argv=None):
     parser.add_argument("--resume", action="store_true",
                         help="keep the runs already in --output (same settings) and add only the missing ones; "
                              "lets the protocol be measured over several sessions")
+    parser.add_argument("--merge", nargs="+", type=Path, default=[], metavar="FILE",
+                        help="add the runs of other results files measured with the same settings (another "
+                             "machine's or process's share of the protocol) to --output, and train nothing")
     args = parser.parse_args(argv)
     if args.ablation:
         args.arms = list(dict.fromkeys(args.arms + list(ABLATIONS)))
@@ -398,7 +402,7 @@ def run_settings(args) -> dict:
 
 def protocol_gaps(rows: list[dict], settings: dict) -> list[str]:
     """What the runs leave out of the full protocol (empty: complete)."""
-    done = {(r["teacher"], r["dataset"], r["fraction"], r["seed"], r["arm"]) for r in rows}
+    done = {run_key(r) for r in rows}
     gaps = []
     for dataset in FULL_DATASETS:
         for fraction in FULL_FRACTIONS:
@@ -416,19 +420,50 @@ def protocol_gaps(rows: list[dict], settings: dict) -> list[str]:
 
 
 def load_previous(args) -> dict:
-    """With --resume, the earlier results in --output ({} without it or without a file);
-    a one-line error if they were measured with other settings."""
-    if not args.resume or not args.output.is_file():
+    """With --resume or --merge, the earlier results in --output ({} without them or without a
+    file); a one-line error if they were measured with other settings."""
+    if not (args.resume or args.merge) or not args.output.is_file():
         return {}
-    previous = json.loads(args.output.read_text())
-    if previous.get("settings") != run_settings(args):
-        raise UserError(f"--resume: {args.output} was measured with {previous.get('settings')}, this run "
-                        f"uses {run_settings(args)}; use another --output")
-    for row in previous.get("runs", []):
-        row.setdefault("device", previous["device"])  # files from before rows named their device
+    return read_results(args, args.output, "--resume", "use another --output")
+
+
+def read_results(args, path: Path, option: str, remedy: str) -> dict:
+    """A results file whose runs can be pooled with this run's (the same settings), its rows
+    completed as they are now written."""
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{option}: cannot read {path}: {exc}") from None
+    if results.get("settings") != run_settings(args):
+        raise UserError(f"{option}: {path} was measured with {results.get('settings')}, this run "
+                        f"uses {run_settings(args)}; {remedy}")
+    for row in results.get("runs", []):
+        row.setdefault("device", results["device"])  # files from before rows named their device
         if "recipe" not in row:  # ... or their recipe config
             row["recipe"] = legacy_recipe(args, row)
-    return previous
+    return results
+
+
+def run_key(row: dict) -> tuple:
+    return row["teacher"], row["dataset"], row["fraction"], row["seed"], row["arm"]
+
+
+def merge_results(args, rows: list[dict], superseded: list[dict], augment: dict) -> list[str]:
+    """Add the rows of each --merge file that `rows` lack (a run in both: ours is kept) to `rows`,
+    its superseded runs to `superseded` and its augmentation settings to `augment`; returns the
+    merged files' commands, each marked with its file, for the command history."""
+    commands = []
+    for path in args.merge:
+        other = read_results(args, path, "--merge", "only files measured with the same settings can be pooled")
+        theirs, their_superseded = split_superseded(args, other.get("superseded_runs", []) + other.get("runs", []))
+        have = {run_key(r) for r in rows}
+        added = [r for r in theirs if run_key(r) not in have]
+        rows += added
+        superseded += their_superseded
+        augment.update(other.get("augmentation", {}))
+        commands += [f"[{path.name}] {c}" for c in other.get("command", "").split(" && ") if c]
+        print(f"--merge {path}: {len(added)} runs added, {len(theirs) - len(added)} already here (kept ours)")
+    return commands
 
 
 def write_results(args, rows: list[dict], augment: dict, command: str, finished: bool,
@@ -480,8 +515,15 @@ def main(argv=None) -> int:
         print(f"{moved_out} runs trained what their arm no longer means (moved to superseded_runs, out of "
               f"the summary; their arms train again); {back} superseded runs count again")
     augment = previous.get("augmentation", {})
-    command = command_history(previous, "bench/distill.py", sys.argv[1:] if argv is None else argv)
-    done = {(r["teacher"], r["dataset"], r["fraction"], r["seed"], r["arm"]) for r in rows}
+    merged_commands = merge_results(args, rows, superseded, augment)
+    history = {"command": " && ".join(c for c in [previous.get("command", ""), *merged_commands] if c)}
+    command = command_history(history, "bench/distill.py", sys.argv[1:] if argv is None else argv)
+    if args.merge:  # pool, don't train
+        print_table(summarise(rows))
+        write_results(args, rows, augment, command, True, superseded)
+        print(f"\nwrote {args.output}")
+        return 0
+    done = {run_key(r) for r in rows}
     for teacher in args.teachers:
         for dataset in args.datasets:
             data = DatasetContext(bench_config(args, dataset, teacher), args.device)

@@ -145,3 +145,38 @@ def test_a_resumed_results_file_keeps_every_command_that_made_it(load_bench):
     assert first == "python bench/tskd.py"
     both = results.command_history({"command": first}, "bench/tskd.py", ["--resume", "--override", "a=b c"])
     assert both == "python bench/tskd.py && python bench/tskd.py --resume --override 'a=b c'"
+
+
+def test_merge_pools_another_files_runs_and_trains_nothing(bench, tmp_path, capsys):
+    """--merge adds the runs --output lacks from a file measured with the same settings (a GPU's
+    share of the protocol, say), keeps ours where both have a run, and keeps both histories."""
+    ours, theirs = tmp_path / "distill.json", tmp_path / "gpu.json"
+    args = bench.parse_args(["--output", str(ours)])
+    bench.write_results(args, _rows(bench, ["ct"], seeds=(0,)), {"ct": "crop"}, "python bench/distill.py", True)
+    gpu_rows = _rows(bench, ["ct"], seeds=(0, 1), arms=["lora"])
+    for row in gpu_rows:
+        row.update(test_accuracy=0.9, device="CUDA (a GPU)")
+    bench.write_results(bench.parse_args(["--output", str(theirs)]), gpu_rows, {"ct": "crop"},
+                        "python bench/distill.py --device cuda", True)
+    assert bench.main(["--output", str(ours), "--merge", str(theirs), "--datasets", "no-such-data"]) == 0
+    merged = json.loads(ours.read_text())
+    lora = {(r["fraction"], r["seed"]): r["test_accuracy"] for r in merged["runs"] if r["arm"] == "lora"}
+    assert lora == {(1.0, 0): 0.5, (0.1, 0): 0.5, (1.0, 1): 0.9, (0.1, 1): 0.9}  # seed 0: ours kept
+    # (rows without a recipe config are legacy: the old 10% rd row is superseded, not lost)
+    assert len(merged["runs"]) + len(merged["superseded_runs"]) == 2 * len(bench.ARMS) + 2
+    assert merged["command"].startswith("python bench/distill.py && [gpu.json] python bench/distill.py --device cuda")
+    assert "CUDA (a GPU)" in merged["device"]
+    assert "2 runs added, 2 already here" in capsys.readouterr().out
+
+
+def test_merging_a_file_measured_another_way_is_a_one_line_error(bench, tmp_path):
+    capped = tmp_path / "capped.json"
+    bench.write_results(bench.parse_args(["--output", str(capped), "--max-train", "100"]),
+                        _rows(bench, ["ct"], seeds=(0,)), {}, "python bench/distill.py --max-train 100", True)
+    args = bench.parse_args(["--output", str(tmp_path / "d.json"), "--merge", str(capped)])
+    with pytest.raises(bench.UserError, match="--merge: .*capped.json was measured with"):
+        bench.merge_results(args, [], [], {})
+    (tmp_path / "broken.json").write_text("{")
+    args = bench.parse_args(["--output", str(tmp_path / "d.json"), "--merge", str(tmp_path / "broken.json")])
+    with pytest.raises(bench.UserError, match="cannot read"):
+        bench.merge_results(args, [], [], {})
