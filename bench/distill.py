@@ -340,7 +340,7 @@ def split_superseded(args, rows: list[dict]) -> tuple[list[dict], list[dict]]:
     current: dict[tuple, dict] = {}
     superseded = []
     for row in rows:
-        key = tuple(row[k] for k in ("teacher", "dataset", "fraction", "seed", "arm"))
+        key = run_key(row)
         if row["arm"] in ALL_ARMS and effective_recipe(args, row) == effective_recipe(
                 args, {**row, "recipe": recipe_identity(args, row["dataset"], row["teacher"], row["arm"])}):
             if key in current:
@@ -424,7 +424,7 @@ def load_previous(args) -> dict:
     file); a one-line error if they were measured with other settings."""
     if not (args.resume or args.merge) or not args.output.is_file():
         return {}
-    return read_results(args, args.output, "--resume", "use another --output")
+    return read_results(args, args.output, "--resume" if args.resume else "--merge", "use another --output")
 
 
 def read_results(args, path: Path, option: str, remedy: str) -> dict:
