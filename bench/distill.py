@@ -383,9 +383,17 @@ def print_table(summary: list[dict]) -> None:
         cells = {s["arm"]: s for s in summary
                  if (s["teacher"], s["dataset"], s["fraction"]) == (teacher, dataset, fraction)}
         line = f"{teacher:<{width}}{dataset:<14}{fraction:>7.0%}  "
-        line += "".join(f"{cells[a]['mean']:>11.4f}±{cells[a]['std']:.3f}" if a in cells else f"{'-':>18}"
-                        for a in arms)
+        line += "".join(table_cell(cells.get(a)) for a in arms)
         print(line + "   " + rd_verdict(cells))
+
+
+def table_cell(cell: dict | None) -> str:
+    """mean ± std over seeds, 18 wide; one run has no spread to show, so it says so."""
+    if cell is None:
+        return f"{'-':>18}"
+    if cell["seeds"] == 1:
+        return f"{cell['mean']:>10.4f} (1 run)"
+    return f"{cell['mean']:>11.4f}±{cell['std']:.3f}"
 
 
 # The full protocol: every main arm on every data set, both label fractions, 3 seeds, with the
@@ -401,17 +409,22 @@ def run_settings(args) -> dict:
 
 
 def protocol_gaps(rows: list[dict], settings: dict) -> list[str]:
-    """What the runs leave out of the full protocol (empty: complete)."""
+    """What the runs leave out of the full protocol (empty: complete), for each teacher they use:
+    the default teacher owes every main arm; another teacher (a file of its own, e.g.
+    litemedsam@256) every arm but scratch, which learns nothing from a teacher."""
     done = {run_key(r) for r in rows}
     gaps = []
-    for dataset in FULL_DATASETS:
-        for fraction in FULL_FRACTIONS:
-            missing = [f"{arm} seed {seed}" for seed in FULL_SEEDS for arm in ARMS
-                       if (FULL_TEACHER, dataset, fraction, seed, arm) not in done]
-            if len(missing) == len(FULL_SEEDS) * len(ARMS):
-                gaps.append(f"{dataset} {fraction:.0%} labels: not run")
-            elif missing:
-                gaps.append(f"{dataset} {fraction:.0%} labels: {', '.join(missing)} not run")
+    for teacher in sorted({r["teacher"] for r in rows}) or [FULL_TEACHER]:
+        arms = [a for a in ARMS if teacher == FULL_TEACHER or a != "scratch"]
+        prefix = "" if teacher == FULL_TEACHER else f"{teacher} "
+        for dataset in FULL_DATASETS:
+            for fraction in FULL_FRACTIONS:
+                missing = [f"{arm} seed {seed}" for seed in FULL_SEEDS for arm in arms
+                           if (teacher, dataset, fraction, seed, arm) not in done]
+                if len(missing) == len(FULL_SEEDS) * len(arms):
+                    gaps.append(f"{prefix}{dataset} {fraction:.0%} labels: not run")
+                elif missing:
+                    gaps.append(f"{prefix}{dataset} {fraction:.0%} labels: {', '.join(missing)} not run")
     protocol = run_settings(parse_args([]))
     changed = {k: v for k, v in settings.items() if protocol[k] != v}
     if changed:

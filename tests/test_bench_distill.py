@@ -30,9 +30,18 @@ def test_the_full_protocol_is_every_main_arm_data_set_fraction_and_seed(bench):
                                                       "ct 10% labels: lora seed 2 not run"]
 
 
-def test_other_teachers_and_settings_do_not_count_as_the_protocol(bench):
-    rows = _rows(bench, ["mri", "ct", "fashion-mnist"], teacher="efficientnet-lite0")
-    assert len(bench.protocol_gaps(rows, bench.run_settings(bench.parse_args([])))) == 6
+def test_another_teacher_owes_every_arm_but_scratch_and_other_settings_are_named(bench):
+    settings = bench.run_settings(bench.parse_args([]))
+    assert len(bench.protocol_gaps([], settings)) == 6  # nothing run: the default teacher's protocol
+    teacher_arms = [a for a in bench.ARMS if a != "scratch"]
+    rows = _rows(bench, ["mri", "ct", "fashion-mnist"], arms=teacher_arms, teacher="litemedsam@256")
+    assert bench.protocol_gaps(rows, settings) == []
+    rows = [r for r in rows if not (r["dataset"] != "mri" and r["arm"] == "lora")]
+    assert bench.protocol_gaps(rows, settings) == [
+        "litemedsam@256 ct 100% labels: lora seed 0, lora seed 1, lora seed 2 not run",
+        "litemedsam@256 ct 10% labels: lora seed 0, lora seed 1, lora seed 2 not run",
+        "litemedsam@256 fashion-mnist 100% labels: lora seed 0, lora seed 1, lora seed 2 not run",
+        "litemedsam@256 fashion-mnist 10% labels: lora seed 0, lora seed 1, lora seed 2 not run"]
     capped = bench.run_settings(bench.parse_args(["--max-train", "2000", "--no-augment"]))
     gaps = bench.protocol_gaps(_rows(bench, ["mri", "ct", "fashion-mnist"]), capped)
     assert gaps == ["settings other than the protocol's: {'augment': False, 'max_train': 2000}"]
@@ -180,3 +189,13 @@ def test_merging_a_file_measured_another_way_is_a_one_line_error(bench, tmp_path
     args = bench.parse_args(["--output", str(tmp_path / "d.json"), "--merge", str(tmp_path / "broken.json")])
     with pytest.raises(bench.UserError, match="cannot read"):
         bench.merge_results(args, [], [], {})
+
+
+def test_the_table_shows_spread_over_seeds_and_marks_a_single_run(bench, capsys):
+    rows = _rows(bench, ["ct"], fractions=(1.0,), seeds=(0, 1), arms=["kd", "rd"])
+    rows[0]["test_accuracy"] = 0.7  # kd seed 0: 0.7, seed 1: 0.5 -> 0.6 ± 0.141
+    rows += _rows(bench, ["ct"], fractions=(1.0,), seeds=(0,), arms=["lora"])
+    bench.print_table(bench.summarise(rows))
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "0.6000±0.141" in line and "0.5000±0.000" in line and "0.5000 (1 run)" in line
+    assert line.endswith("no (kd)")
