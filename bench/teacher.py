@@ -8,7 +8,10 @@ Features (default): for each teacher setting, on real `data=mri` training images
   * the one-off cost of exporting the ONNX graph and of int8 quantization (calibrated on
     training images disjoint from the measured ones, the export stage's `int8-cpu` quantizer);
   * fidelity of each ONNX Runtime backend against the PyTorch features: max abs diff, mean
-    cosine, linear CKA (medkd.kernels.cka_loss), and whether CKA >= 0.99 holds.
+    cosine, linear CKA (medkd.kernels.cka_loss), and whether CKA >= 0.99 holds;
+  * the compute rate each backend reaches (the network's GFLOP per image, counted by
+    torch.utils.flop_counter, over its time per image) beside the rate of a dense fp32 matmul
+    on the same threads just before the rounds: how much a faster runtime could still gain.
 
 --build: the default build end to end, cold (fresh cache_dir and run_dir in a temporary
 folder), once per teacher backend: `medkd-build recipe=rd target=jetson-orin
@@ -40,6 +43,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/export.py's machine helpers
 
@@ -108,6 +112,27 @@ def fidelity(reference: torch.Tensor, features: torch.Tensor) -> dict:
     }
 
 
+def gflop_per_image(teacher, shape: tuple[int, ...]) -> float:
+    """The network's multiply-adds x 2 per preprocessed image (matmuls and convolutions; the
+    elementwise work is not counted, so achieved rates are a lower bound)."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        teacher.extract(torch.rand(1, *shape))
+    return counter.get_total_flops() / 1e9
+
+
+def matmul_gflops(size: int = 1024, seconds: float = 2.0) -> float:
+    """GFLOP/s of a dense fp32 matmul in PyTorch on the current threads: what this CPU gives the
+    best-suited work right now (best of repeated timings)."""
+    a, b = torch.rand(size, size), torch.rand(size, size)
+    a @ b  # warm-up
+    best, deadline = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        started = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - started)
+    return 2 * size**3 / best / 1e9
+
+
 def timed_pass(module, images: torch.Tensor, batch: int) -> tuple[float, torch.Tensor]:
     started = time.perf_counter()
     feats = teacher_features(module, images, None, batch_size=batch, progress=False)
@@ -145,6 +170,7 @@ def bench_setting(name: str, spec: dict, train_images: torch.Tensor, rounds: int
 
     for module in variants.values():  # warm-up: first-run allocations are not extraction cost
         teacher_features(module, images[:2], None, batch_size=2, progress=False)
+    gflop, matmul_rate = gflop_per_image(teacher, shape), matmul_gflops()
     per_image: dict[str, list[float]] = {v: [] for v in variants}
     features: dict[str, torch.Tensor] = {}
     for r in range(rounds):
@@ -156,13 +182,16 @@ def bench_setting(name: str, spec: dict, train_images: torch.Tensor, rounds: int
     result = {"teacher": spec["teacher"], "input_size": spec["input_size"], "images": len(images),
               "batch": spec["batch"], "calibration_images": n_cal, "graph_input": list(shape),
               "fingerprints": {v: m.fingerprint for v, m in variants.items()}, "one_off_seconds": one_off,
-              "variants": {}}
+              "gflop_per_image": round(gflop, 3), "dense_matmul_gflops": round(matmul_rate, 1), "variants": {}}
     if not n_cal:
         result["int8_not_measured"] = ("off by default at 256 px: ONNX Runtime's calibrator holds every "
                                        "activation of every calibration image in memory (--int8-256 runs it)")
     for variant in variants:
+        median = statistics.median(per_image[variant])
         entry = {"ms_per_image_rounds": [round(s * 1000, 2) for s in per_image[variant]],
-                 "ms_per_image_median": round(statistics.median(per_image[variant]) * 1000, 2)}
+                 "ms_per_image_median": round(median * 1000, 2),
+                 "achieved_gflops": round(gflop / median, 1),
+                 "fraction_of_matmul_rate": round(gflop / median / matmul_rate, 3)}
         if variant != "torch":
             ratios = [t / s for t, s in zip(per_image["torch"], per_image[variant])]
             entry["speedup_vs_torch"] = round(statistics.median(ratios), 2)
@@ -172,16 +201,18 @@ def bench_setting(name: str, spec: dict, train_images: torch.Tensor, rounds: int
 
 
 def print_features(results: list[dict]) -> None:
-    print("\n| teacher | px | images | variant | ms/img (median) | speed-up vs torch | one-off s | "
-          "max abs diff | mean cosine | linear CKA | CKA >= 0.99 |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| teacher | px | images | variant | ms/img (median) | speed-up vs torch | GFLOP/s (of matmul's) | "
+          "one-off s | max abs diff | mean cosine | linear CKA | CKA >= 0.99 |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for res in results:
         for variant, entry in res["variants"].items():
             fid = entry.get("fidelity_vs_torch")
             cost = res["one_off_seconds"].get(variant, {})
             one_off = " + ".join(f"{k} {v:.0f}" for k, v in cost.items()) or "-"
             print(f"| {res['teacher']} | {res['input_size']} | {res['images']} | {variant} | "
-                  f"{entry['ms_per_image_median']:.1f} | {entry.get('speedup_vs_torch', 1.0):.2f}x | {one_off} | "
+                  f"{entry['ms_per_image_median']:.1f} | {entry.get('speedup_vs_torch', 1.0):.2f}x | "
+                  f"{entry['achieved_gflops']:.0f} ({entry['fraction_of_matmul_rate']:.0%} of {res['dense_matmul_gflops']:.0f}) | "
+                  f"{one_off} | "
                   + (f"{fid['max_abs_diff']:.1e} | {fid['mean_cosine']:.4f} | {fid['linear_cka']:.4f} | "
                      f"{'yes' if fid['cka_bar_met'] else 'no'} |" if fid else "- | - | - | - |"))
 

@@ -49,3 +49,18 @@ def test_goals_flag_a_slower_teacher_stage_and_an_accuracy_loss(bench):
 def test_no_goals_when_a_build_failed(bench):
     builds = {"torch": {"backend": "torch", "error": "boom"}, "onnxruntime": bench.report_summary(_report(1, 1, 1))}
     assert bench.build_goals(builds) == []
+
+
+def test_gflop_per_image_counts_one_images_multiply_adds_twice(bench):
+    import torch
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 2, 3, bias=False)  # 1x5x5 -> 2x3x3: 18 outputs x 9 MACs
+            self.fc = torch.nn.Linear(18, 4)  # 18 x 4 MACs
+
+        def extract(self, x):
+            return self.fc(self.conv(x).flatten(1))
+
+    assert bench.gflop_per_image(Tiny(), (1, 5, 5)) * 1e9 == 2 * (18 * 9 + 18 * 4)
