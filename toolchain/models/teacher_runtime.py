@@ -31,7 +31,7 @@ calibrator keeps every activation of every calibration image in memory, so the d
 count shrinks with the graph's input size: 256 images at 3 x 56 x 56, 12 at 3 x 256 x 256.
 
 Why fp32 is the configured default: ONNX Runtime fp32 reproduces the PyTorch features and is
-several times faster than PyTorch eager, while int8 falls far short of the bar for keeping the
+faster than PyTorch eager, while int8 falls far short of the bar for keeping the
 features (linear CKA >= 0.99 against fp32); bench/teacher.py measures both, its results are in
 bench/results/teacher.json and the README.
 

@@ -64,7 +64,7 @@ litemedsam (default)
     (CKA, what the RD recipe distils) is as close to the native features as at 64 px.
     Use `teacher.input_size=256` for the native resolution when time allows. These costs
     are PyTorch eager (`teacher.backend=torch`); the default ONNX Runtime backend extracts
-    the same features about 3x faster (bench/results/teacher.json).
+    the same features faster (bench/results/teacher.json).
     Check: at 256 px our forward reproduces `build_lite_medsam().image_encoder`
     exactly (max abs diff 0.0).
 
