@@ -411,11 +411,11 @@ def run_settings(args) -> dict:
 def protocol_gaps(rows: list[dict], settings: dict) -> list[str]:
     """What the runs leave out of the full protocol (empty: complete), for each teacher they use:
     the default teacher owes every main arm; another teacher (a file of its own, e.g.
-    litemedsam@256) every arm but scratch, which learns nothing from a teacher."""
+    litemedsam@256) only the arms whose recipe learns from a teacher (not scratch)."""
     done = {run_key(r) for r in rows}
     gaps = []
     for teacher in sorted({r["teacher"] for r in rows}) or [FULL_TEACHER]:
-        arms = [a for a in ARMS if teacher == FULL_TEACHER or a != "scratch"]
+        arms = [a for a, (recipe, _) in ARMS.items() if teacher == FULL_TEACHER or RECIPE_CLASSES[recipe].needs_teacher]
         prefix = "" if teacher == FULL_TEACHER else f"{teacher} "
         for dataset in FULL_DATASETS:
             for fraction in FULL_FRACTIONS:

@@ -211,7 +211,8 @@ def print_features(results: list[dict]) -> None:
             one_off = " + ".join(f"{k} {v:.0f}" for k, v in cost.items()) or "-"
             print(f"| {res['teacher']} | {res['input_size']} | {res['images']} | {variant} | "
                   f"{entry['ms_per_image_median']:.1f} | {entry.get('speedup_vs_torch', 1.0):.2f}x | "
-                  f"{entry['achieved_gflops']:.0f} ({entry['fraction_of_matmul_rate']:.0%} of {res['dense_matmul_gflops']:.0f}) | "
+                  f"{entry['achieved_gflops']:.0f} ({entry['fraction_of_matmul_rate']:.0%} of "
+                  f"{res['dense_matmul_gflops']:.0f}) | "
                   f"{one_off} | "
                   + (f"{fid['max_abs_diff']:.1e} | {fid['mean_cosine']:.4f} | {fid['linear_cka']:.4f} | "
                      f"{'yes' if fid['cka_bar_met'] else 'no'} |" if fid else "- | - | - | - |"))
